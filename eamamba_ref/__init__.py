@@ -1,3 +1,19 @@
-"""eamamba_ref: a framework-free reference implementation of EAMamba (Lin et al., ICCV 2025)."""
+"""eamamba_ref: a framework-free reference implementation of EAMamba (Lin et al., ICCV 2025).
+
+    import eamamba_ref
+    model = eamamba_ref.load("denoise.pth")          # official checkpoint, read without torch
+    y = model(x)                                      # x: float32 (B, 3, H, W)
+
+    eamamba_ref.selective_scan(u, delta, A, B, C, ...)   # the SSM kernel (numpy | numba | cuda)
+    eamamba_ref.scans.all_around(x, (H, W), "diagonal", 8, "concate")
+"""
 
 __version__ = "0.1.0"
+
+from . import scans
+from .config import ConfigError, MambaConfig, ModelConfig
+from .loading import load
+from .model import EAMamba
+from .ssm import selective_scan
+
+__all__ = ["scans", "selective_scan", "load", "EAMamba", "ModelConfig", "MambaConfig", "ConfigError"]

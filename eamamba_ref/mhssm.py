@@ -1,0 +1,123 @@
+"""The Multi-Head Selective Scan Module (MHSSM; official `ExtendedMamba`, models/module/mamba.py).
+
+Glossary (paper symbol -> official parameter name -> shape, for d_model C, d = expand*C inner
+channels, K scan directions, C' channels per direction, N = d_state, R = dt_rank):
+
+    in_proj       W_in               in_proj.weight        (2d, C)   [(d, C) without the z branch]
+    depthwise conv                   conv.weight, conv.bias (d, 1, k, k) 2-D  |  (d, 1, k) causal 1-D
+    x_proj        W_x (per head)     x_proj_weight         (K, R + 2N, C')
+    dt_proj       W_Delta (per head) dt_projs_weight       (K, C', R), dt_projs_bias (K, C')
+    A = -exp(A_log)                  A_logs                (K*C', N)
+    D (skip)                         Ds                    (K*C',)
+    output norm                      out_norm.weight/bias  (d,)
+    out_proj                         out_proj.weight       (C, d)
+
+'concate' merge: C' = d/K (the heads share the d channels: same cost as one scan);
+'add' merge:     C' = d   (every direction sees every channel: K times the cost).
+
+The official module takes tokens `(B, L, C)`; here activations stay channel-first `(B, C, L)`, the
+layout the projections' matrix products want, which saves two transposes per block.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import layers, scans
+from . import ssm
+
+
+def depthwise_conv(x, weight, bias, size, conv_2d):
+    """The depthwise conv of the MHSSM on `x (B, d, L)` of an (H, W) map -> `(B, d, L)`.
+
+    conv_2d: a k x k conv over the map with 'same' zero padding (k odd).
+    else:    the causal 1-D conv of Mamba over the row-major sequence: the official Conv1d pads
+             k-1 zeros on both sides and keeps the first L outputs, so output t sees x[t-k+1 .. t].
+    """
+    B, d, L = x.shape
+    if conv_2d:
+        k = weight.shape[-1]
+        h, w = size
+        y = layers.conv2d(x.reshape(B, d, h, w), weight, bias, padding=(k - 1) // 2, groups=d)
+        return y.reshape(B, d, L)
+    k = weight.shape[-1]
+    taps = weight.reshape(d, k)
+    padded = np.concatenate([np.zeros((B, d, k - 1), np.float32), x], axis=2)
+    y = np.zeros_like(x) if bias is None else np.broadcast_to(bias[:, None], (B, d, L)).copy()
+    for j in range(k):                                # k is 3 or 4: a few shifted, scaled adds
+        y += taps[:, j, None] * padded[:, :, j:j + L]
+    return y
+
+
+def mhssm(p, x, size, cfg, backend=None):
+    """MHSSM forward. p: the block's `mamba.*` parameters (official names, prefix stripped).
+
+    x: `(B, C, L)` layer-normed features of an (H, W) map, channel-first, L = H*W.
+    cfg: `config.MambaConfig`. Returns `(B, C, L)`.
+    """
+    B, C, L = x.shape
+    d = cfg.d_inner(C)
+    N = cfg.d_state
+    R = cfg.resolved_dt_rank(C)
+    K, Cp = cfg.heads(C)
+    kind = (cfg.scan_type, cfg.scan_count, cfg.scan_merge_method)
+
+    # 1. input projection and the gate branch: (B, C, L) -> x (B, d, L), z (B, d, L)
+    xz = np.matmul(p["in_proj.weight"], x)
+    if "in_proj.bias" in p:
+        xz += p["in_proj.bias"][:, None]
+    xs, z = (xz, None) if cfg.disable_z_branch else (xz[:, :d], xz[:, d:])
+
+    # 2. local mixing: depthwise conv then SiLU
+    xs = layers.silu(depthwise_conv(xs, p["conv.weight"], p.get("conv.bias"), size, cfg.conv_2d))
+
+    # 3. all-around transform: K directional sequences (B, K, C', L)
+    xs = scans.all_around(xs, size, *kind)
+
+    # 4. input-dependent SSM parameters, per direction (the "selective" part)
+    x_dbl = np.matmul(p["x_proj_weight"], xs)                       # (B, K, R + 2N, L)
+    dts = np.matmul(p["dt_projs_weight"], x_dbl[:, :, :R])           # (B, K, C', L)
+    Bs = np.ascontiguousarray(x_dbl[:, :, R:R + N])                  # (B, K, N, L): group k = head k
+    Cs = np.ascontiguousarray(x_dbl[:, :, R + N:])                   # (B, K, N, L)
+    A = -np.exp(p["A_logs"])                                         # (K*C', N)
+
+    # 5. one selective scan over all K*C' channels; channel j belongs to head j // C'
+    y = ssm.selective_scan(xs.reshape(B, K * Cp, L), dts.reshape(B, K * Cp, L), A, Bs, Cs,
+                       D=p["Ds"], delta_bias=p["dt_projs_bias"].reshape(-1),
+                       delta_softplus=True, backend=backend)         # (B, K*C', L)
+
+    # 6. back to row-major order, merge directions, normalise, gate, project out
+    y = scans.restore(y.reshape(B, K, Cp, L), size, *kind)            # (B, d, L)
+    y = layers.layer_norm(y, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5, axis=1)
+    if z is not None:
+        y *= layers.silu(z)
+    out = np.matmul(p["out_proj.weight"], y)                         # (B, C, L)
+    if "out_proj.bias" in p:
+        out += p["out_proj.bias"][:, None]
+    return out
+
+
+def mhssm_parameter_shapes(d_model, cfg):
+    """Official state-dict names and shapes of one MHSSM, for checking checkpoints and random init."""
+    d = cfg.d_inner(d_model)
+    N = cfg.d_state
+    R = cfg.resolved_dt_rank(d_model)
+    K, Cp = cfg.heads(d_model)
+    k = cfg.d_conv
+    shapes = {
+        "in_proj.weight": (d if cfg.disable_z_branch else 2 * d, d_model),
+        "conv.weight": (d, 1, k, k) if cfg.conv_2d else (d, 1, k),
+        "x_proj_weight": (K, R + 2 * N, Cp),
+        "dt_projs_weight": (K, Cp, R),
+        "dt_projs_bias": (K, Cp),
+        "A_logs": (K * Cp, N),
+        "Ds": (K * Cp,),
+        "out_norm.weight": (d,),
+        "out_norm.bias": (d,),
+        "out_proj.weight": (d_model, d),
+    }
+    if cfg.conv_bias:
+        shapes["conv.bias"] = (d,)
+    if cfg.bias:
+        shapes["in_proj.bias"] = (shapes["in_proj.weight"][0],)
+        shapes["out_proj.bias"] = (d_model,)
+    return shapes
