@@ -7,12 +7,15 @@ Shapes (level 1 of the U-Net, 256 x 256 = 65536 tokens, N = 16, 8 groups = 8 sca
 with delta_softplus, D and delta_bias as EAMamba calls it (z = None).
 
 Printed for each shape, side by side from one run: the time of every available backend of
-eamamba_ref.ssm (the NumPy reference is timed on a shorter sequence and extrapolated linearly,
-as its cost is exactly linear in L), of a sequential torch loop and of a chunked torch scan (when
-torch is installed; torch gets the same number of threads as Numba), and the nanoseconds per
-state update (B * D * L * N updates, one exp each). The "machine limit" is the cost of one exp
-per update at NumPy's vectorised float32 exp throughput on all cores: the scan cannot be much
-faster than that unless its exp is cheaper than NumPy's.
+eamamba_ref.ssm, of a sequential torch loop and of a chunked torch scan (when torch is installed;
+torch gets as many threads as Numba and flushes denormals), with the nanoseconds per state
+update (B * D * L * N updates, one exp each). The NumPy reference and the sequential torch loop
+are timed on a shorter sequence and extrapolated linearly (their cost is linear in L). The
+"machine limit" is one exp per update at NumPy's vectorised float32 exp throughput on all
+cores; 'x limit' is the ratio to it. A row "numba, u = 0 after L/8" checks that states decaying
+through the denormal range do not slow the kernel down.
+
+Timings on a shared machine vary a lot: the load average is printed before and after.
 """
 
 import argparse
@@ -88,7 +91,7 @@ def torch_sequential(torch, p):
     return y + p["D"][:, None] * u
 
 
-def torch_chunked(torch, p, chunk=128):
+def torch_chunked(torch, p, chunk=256):
     """Chunked scan: the sequence is cut into L/T chunks that are scanned *together*.
 
     Pass 1 runs T steps over all chunks at once from a zero state, keeping each chunk's final
@@ -152,13 +155,18 @@ def main():
     parser.add_argument("--numpy-length", type=int, default=4096,
                         help="L for the NumPy reference, extrapolated linearly to --length")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs (best is reported)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for numba and torch (default: numba's default, all cores)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch forms")
-    parser.add_argument("--no-torch-sequential", action="store_true",
-                        help="skip the (slow) sequential torch loop")
+    parser.add_argument("--torch-sequential-length", type=int, default=8192,
+                        help="L for the sequential torch loop, extrapolated linearly to --length"
+                             " (0 skips it)")
     args = parser.parse_args()
 
     import numba
 
+    if args.threads:
+        numba.set_num_threads(args.threads)
     threads = numba.get_num_threads()
     torch = None
     if not args.no_torch:
@@ -179,7 +187,7 @@ def main():
           f"{limit_ns:.3f} ns per state update on {threads} cores")
     print(f"backends: {', '.join(backends)}\n")
 
-    header = f"{'shape':<34}{'form':<26}{'time (s)':>10}{'median':>9}{'ns/update':>11}" \
+    header = f"{'shape':<34}{'form':<30}{'time (s)':>10}{'median':>9}{'ns/update':>11}" \
              f"{'x limit':>9}{'err':>10}"
     print(header)
     print("-" * len(header))
@@ -222,14 +230,18 @@ def main():
                 best, median = best_time(lambda: torch_chunked(torch, tp), args.repeat)
                 y = torch_chunked(torch, tp).numpy()
                 err = np.max(np.abs(y - reference)) / np.max(np.abs(reference))
-                rows.append(("torch chunked (T=128)", best, median, f"{err:.1e}"))
-                if not args.no_torch_sequential:
-                    best, median = best_time(lambda: torch_sequential(torch, tp), 1)
-                    rows.append(("torch sequential", best, median, ""))
+                rows.append(("torch chunked (T=256)", best, median, f"{err:.1e}"))
+                length = min(args.torch_sequential_length, args.length)
+                if length > 0:
+                    tq = {k: torch.from_numpy(v) for k, v in make_inputs(dim, length).items()}
+                    best, median = best_time(lambda: torch_sequential(torch, tq), 1)
+                    scale = args.length / length
+                    form = "torch sequential" + (f" (L={length}, x{scale:g})" if scale != 1 else "")
+                    rows.append((form, best * scale, median * scale, ""))
 
         for form, best, median, err in rows:
             ns = best / updates * 1e9
-            print(f"{shape_text:<34}{form:<26}{best:>10.4f}{median:>9.4f}{ns:>11.3f}"
+            print(f"{shape_text:<34}{form:<30}{best:>10.4f}{median:>9.4f}{ns:>11.3f}"
                   f"{ns / limit_ns:>9.2f}{err:>10}")
             shape_text = ""
         numba_time = next(r[1] for r in rows if r[0] == "numba")
@@ -237,8 +249,8 @@ def main():
         if chunked:
             print(f"{'':<34}numba is {chunked[0] / numba_time:.1f}x faster than torch chunked")
         print()
-    print(f"load average after: {os.getloadavg()[0]:.2f}   ('err': max |y - y_numba| / max |y_numba|;"
-          " 'x limit': ns/update over the machine limit)")
+    print(f"load average after: {os.getloadavg()[0]:.2f}   "
+          "('err': max |y - y_numba| / max |y_numba|; 'x limit': ns/update over the machine limit)")
 
 
 if __name__ == "__main__":

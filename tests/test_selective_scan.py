@@ -198,7 +198,7 @@ def test_return_last_state_flag():
 
 
 def test_time_invariant_and_grouped_forms_agree():
-    """B, C given as (D, N) equal the same matrices repeated over time with one group per channel."""
+    """B, C as (D, N) equal the same matrices repeated over time, one group per channel."""
     problem = make_problem(seed=3, batch=2, dim=6, length=50, n_state=5, b_form="dn",
                            c_form="dn")
     grouped = dict(problem)
@@ -282,6 +282,42 @@ def test_numpy_matches_sequential_torch_loop():
     y, last = ssm.selective_scan(**problem, return_last_state=True, backend="numpy")
     assert scaled_error(y, want.numpy()) < RTOL
     assert scaled_error(last, h.numpy()) < RTOL
+
+
+def test_fast_exp_softplus_silu_accuracy():
+    """The vectorisable float32 functions of the numba kernel, against float64 NumPy."""
+    from numba import njit
+
+    from eamamba_ref.ssm import fastexp
+
+    @njit
+    def apply(x):
+        out = np.empty((4, x.size), np.float32)
+        for i in range(x.size):
+            out[0, i] = fastexp.fexp(x[i])
+            out[1, i] = fastexp.decay_exp2(x[i])
+            out[2, i] = fastexp.softplus(x[i])
+            out[3, i] = fastexp.silu(x[i])
+        return out
+
+    x = np.concatenate([np.linspace(-90, 90, 200_001), [-1e30, -87.0, 0.0, 20.0, 1e30]])
+    x = x.astype(np.float32)
+    got = apply(x).astype(np.float64)
+    x64 = x.astype(np.float64)
+
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # float64 oracles
+        want_exp, want_exp2 = np.exp(x64), np.exp2(x64)
+        want_softplus, want_silu = np.logaddexp(0.0, x64), x64 / (1.0 + np.exp(-x64))
+
+    def max_rel(a, b, where):
+        return np.max(np.abs(a[where] - b[where]) / np.abs(b[where]))
+
+    assert max_rel(got[0], want_exp, (x64 > -87.3) & (x64 < 88.0)) < 5e-7
+    assert np.all(got[0][x64 < -87.4] == 0.0) and np.all(np.isfinite(got[0]))
+    assert max_rel(got[1], want_exp2, (x64 >= -63) & (x64 <= 127)) < 3e-7
+    assert np.all(got[1][x64 < -63] == 2.0**-63)  # the floor that keeps products normal
+    assert max_rel(got[2], want_softplus, x64 > -80) < 1e-6
+    assert max_rel(got[3], want_silu, (np.abs(x64) > 1e-3) & (x64 > -80)) < 1e-6
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ keeps its own fast-math flags. The kernels enable 'reassoc' (needed to vectorise
 states); inside exp that flag would let LLVM merge the two halves of ln 2 below into one
 constant and lose the extra precision they exist for.
 
-exp(x) = 2**k * exp(r) with k = round(x / ln 2) and r = x - k ln 2 in [-ln2/2, ln2/2]; ln 2 is split
-in two (Cody-Waite) so that r is exact to float32 rounding, and exp(r) is the degree-7 polynomial
-of the Cephes ``expf``. Measured maximum relative error against float64 exp: 2.8e-7 (about 2 ulp).
-2**k is built directly from its bit pattern ((k + 127) << 23).
+fexp(x) = 2**k * exp(r) with k = round(x / ln 2) and r = x - k ln 2 in [-ln2/2, ln2/2]; ln 2 is
+split in two (Cody-Waite) so that r is exact to float32 rounding, and exp(r) is the degree-7
+polynomial of the Cephes ``expf``. Measured maximum relative error against float64 exp: 2.8e-7
+(about 2 ulp). 2**k is built directly from its bit pattern ((k + 127) << 23). The scan's decay
+factors use the cheaper base-2 variant ``decay_exp2`` instead.
 """
 
 import numpy as np
@@ -36,11 +37,11 @@ LN2_LO = f32(-2.12194440e-4)
 EXP_MAX_ARG = f32(88.0)  # exp(88) = 1.65e38 < FLT_MAX: larger arguments saturate there
 EXP_MIN_ARG = f32(-87.33)  # below this exp(x) would be denormal: return 0 instead
 
-# The scan flushes its decay factors and states below 2**-63. Both are then either 0 or at least
-# 2**-63, so their product is at least 2**-126, the smallest normal float32: no denormal is ever
-# produced by the recurrence (on x86 every denormal result or operand costs ~100 cycles).
+# The scan keeps its decay factors at or above 2**-63 and flushes states below 2**-63 to zero.
+# A product of the two is then 0 or at least 2**-126, the smallest normal float32: the
+# recurrence never produces a denormal (on x86 each denormal result or operand costs ~100 cycles).
 TINY = f32(2.0**-63)
-DECAY_MIN_ARG = f32(-43.6676)  # ln(2**-63)
+DECAY_MIN_LOG2 = f32(-63.0)
 
 
 @intrinsic
@@ -59,9 +60,33 @@ def _int32_bits_as_float32(typingctx, x):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def exp_below(x, min_arg):
-    """exp(x) for float32 x, returning exactly 0 where x < min_arg (min_arg >= EXP_MIN_ARG)."""
-    xc = min(max(x, min_arg), EXP_MAX_ARG)  # keeps k in the int range of a float32 exponent
+def decay_exp2(y):
+    """2**y for float32 y, clamped to [2**-63, 2**127]: the decay factor exp(delta A) of the scan.
+
+    The scan passes y = delta * (A log2 e), with A log2 e computed once per channel: in base 2
+    the range reduction r = y - round(y) is exact, which saves the multiply by log2 e and the
+    second half of ln 2 that exp needs. 2**r on [-1/2, 1/2] is the degree-6 polynomial of the
+    Cephes ``exp2f`` (max relative error 1.0e-7). Below 2**-63 the result stays at 2**-63
+    instead of going to 0: the difference is at most 2**-63 of a state, far below float32
+    resolution, and it keeps products with states out of the denormal range (see TINY).
+    """
+    yc = min(max(y, DECAY_MIN_LOG2), f32(127.0))
+    k = np.floor(yc + f32(0.5))
+    r = yc - k
+    p = f32(1.535336188319500e-4)
+    p = p * r + f32(1.339887440266574e-3)
+    p = p * r + f32(9.618437357674640e-3)
+    p = p * r + f32(5.550332471162809e-2)
+    p = p * r + f32(2.402264791363012e-1)
+    p = p * r + f32(6.931472028550421e-1)
+    p = p * r + f32(1.0)
+    return p * _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def fexp(x):
+    """exp(x) for float32 x; 0 where the result would be denormal, saturating at exp(88)."""
+    xc = min(max(x, EXP_MIN_ARG), EXP_MAX_ARG)  # keeps k in the range of a float32 exponent
     k = np.floor(xc * LOG2E + f32(0.5))
     r = xc - k * LN2_HI
     r = r - k * LN2_LO
@@ -72,15 +97,8 @@ def exp_below(x, min_arg):
     p = p * r + f32(1.6666665459e-1)
     p = p * r + f32(5.0000001201e-1)
     p = p * r * r + r + f32(1.0)
-    scale = _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
-    e = p * scale
-    return f32(0.0) if x < min_arg else e
-
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def fexp(x):
-    """exp(x) for float32 x; 0 where the result would be denormal, saturating at exp(88)."""
-    return exp_below(x, EXP_MIN_ARG)
+    e = p * _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    return f32(0.0) if x < EXP_MIN_ARG else e
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)

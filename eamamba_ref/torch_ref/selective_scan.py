@@ -48,7 +48,9 @@ __all__ = [
     "flush_denormals",
 ]
 
-SCAN_MODES = ("sequential", "chunked")
+# 'numba' runs eamamba_ref.torch_ext.selective_scan_numba (Numba kernels for forward and backward),
+# imported on first use so that this module itself needs only torch.
+SCAN_MODES = ("sequential", "chunked", "numba")
 
 # Steps per chunk in 'chunked' mode. The Python loops take about 2 T + l / T steps; 64 measured
 # fastest on 2 CPU cores for l = 4096 .. 65536 (128 and 256 were 10-40 % slower).
@@ -59,7 +61,7 @@ _scan_mode = "chunked"
 
 
 def set_scan_mode(mode: str) -> None:
-    """Set the default evaluation order of :func:`selective_scan` ('sequential' or 'chunked')."""
+    """Set the default evaluation order of :func:`selective_scan` ('sequential', 'chunked', 'numba')."""
     global _scan_mode
     if mode not in SCAN_MODES:
         raise ValueError(f"scan mode must be one of {SCAN_MODES}, got {mode!r}")
@@ -150,8 +152,10 @@ def selective_scan(
         D, delta_bias: ``(d,)`` or None.  z: ``(b, d, l)`` or None.
         delta_softplus: apply softplus (threshold 20) to ``delta + delta_bias``.
         return_last_state: also return the final state ``(b, d, n)``.
-        mode: 'sequential' or 'chunked'; None uses the module default (see :func:`set_scan_mode`).
-        chunk_size: steps per chunk in 'chunked' mode; None means DEFAULT_CHUNK_SIZE.
+        mode: 'sequential', 'chunked' or 'numba'; None uses the module default (see
+            :func:`set_scan_mode`).
+        chunk_size: steps per chunk in 'chunked' mode (None: DEFAULT_CHUNK_SIZE); in 'numba' mode
+            the steps between states saved for the backward pass.
 
     Returns:
         ``out (b, d, l)`` in u's dtype, or ``(out, last_state)``.
@@ -176,6 +180,11 @@ def selective_scan(
         raise ValueError(f"z must have u's shape {(b, d, l)}, got {tuple(z.shape)}")
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if mode == "numba":
+        from ..torch_ext.scan_function import selective_scan_numba
+
+        return selective_scan_numba(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                    return_last_state, chunk_size=chunk_size)
 
     dtype_in = u.dtype
     # The reference computes in float32; we keep float64 as float64 so tests can use it as a golden.
@@ -243,13 +252,17 @@ def _scan_sequential(decay, drive, Ct, gC):
 
     ``decay, drive (l, b, d, n)``, ``Ct (l|1, b|1, g, 1, n)`` -> ``y (l, b, d)``, last state.
     """
-    h = drive.new_zeros(drive.shape[1:])                          # (b, d, n)
+    if drive.shape[0] == 0:
+        return drive.new_zeros(drive.shape[:-1]), drive.new_zeros(drive.shape[1:])
+    # unbind once: indexing x[t] inside the loop would make autograd allocate a full-size zero
+    # gradient per step (SelectBackward), turning the backward pass quadratic in l
+    decay, drive, Cs = decay.unbind(0), drive.unbind(0), Ct.unbind(0)
+    h = drive[0].new_zeros(drive[0].shape)                        # (b, d, n)
     ys = []
-    for t in range(drive.shape[0]):
+    for t in range(len(drive)):
         h = decay[t] * h + drive[t]
-        ys.append(_readout(h, Ct[min(t, Ct.shape[0] - 1)], gC))
-    y = torch.stack(ys) if ys else drive.new_zeros(drive.shape[:-1])
-    return y, h
+        ys.append(_readout(h, Cs[min(t, len(Cs) - 1)], gC))
+    return torch.stack(ys), h
 
 
 def _scan_chunked(decay, drive, Ct, gC):
@@ -263,8 +276,13 @@ def _scan_chunked(decay, drive, Ct, gC):
     if T == 0 or nc == 0:
         return drive.new_zeros(drive.shape[:-1]), drive.new_zeros(tail)
 
+    # unbind once: indexing x[t] inside the loops would make autograd allocate a full-size zero
+    # gradient per step (SelectBackward), turning the backward pass quadratic in T
+    Cs = Ct.unbind(0)
+    decay, drive = decay.unbind(0), drive.unbind(0)
+
     def C_at(t):
-        return Ct[min(t, Ct.shape[0] - 1)]
+        return Cs[min(t, len(Cs) - 1)]
 
     # 1) every chunk at once, each from a zero state: local states h and decay products p, with
     #    the local part of the output y_loc_t = sum_n C_t h_t.
@@ -276,12 +294,13 @@ def _scan_chunked(decay, drive, Ct, gC):
         y_loc.append(_readout(h, C_at(t), gC))                    # (nc, b, d)
 
     # 2) carry the true state over chunk borders: entering chunk c it is the end state of c - 1.
-    carry = drive.new_zeros(tail)                                 # (b, d, n)
+    p_c, h_c = p.unbind(0), h.unbind(0)
+    carry = drive[0].new_zeros(tail)                              # (b, d, n)
     carries = [carry]
     for c in range(nc - 1):
-        carry = p[c] * carry + h[c]
+        carry = p_c[c] * carry + h_c[c]
         carries.append(carry)
-    last = p[-1] * carry + h[-1]
+    last = p_c[-1] * carry + h_c[-1]
     carries = torch.stack(carries)                                # (nc, b, d, n)
 
     # 3) true output: add sum_n C_t P_t carry_c, where P_t is the decay since the chunk began

@@ -1,0 +1,117 @@
+"""Running a model on whole images: padding, overlapping tiles, and the flip self-ensemble.
+
+Every function maps an input `(B, C, H, W)` float32 array to the model's output
+`(B, C_out, s*H, s*W)` (s = the model's scale) for ANY H, W:
+
+- `padded`: the U-Net needs H, W divisible by 8; like the official test script, the image is
+  extended at the bottom and right by mirror reflection (cv2.BORDER_REFLECT, numpy 'symmetric')
+  and the output cropped back.
+- `tiled`: overlapping tiles of at most `tile` x `tile` input pixels, each run through `padded`,
+  blended with weights that ramp linearly across the overlaps, so peak memory follows the tile
+  size, not the image size. A tile that covers the whole image is exactly the untiled result.
+- `ensemble`: the official test script's self-ensemble: the mean of the outputs for the input,
+  its left-right flip, its up-down flip and both, each flipped back.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def padded(model, x, multiple=8):
+    """model(x) for any H, W: mirror-pad bottom/right to a multiple, run, crop. x: `(B, C, H, W)`."""
+    B, C, H, W = x.shape
+    if getattr(model, "config", None) is not None and model.config.name == "eamambasr":
+        return model(x)                                  # the SR model takes any size
+    ph, pw = (-H) % multiple, (-W) % multiple
+    if ph or pw:
+        # 'symmetric' repeats the edge pixel (cv2.BORDER_REFLECT); it needs pad <= size, so tiny
+        # inputs are padded in steps
+        xp = x
+        while xp.shape[2] < H + ph or xp.shape[3] < W + pw:
+            need_h = min(H + ph - xp.shape[2], xp.shape[2])
+            need_w = min(W + pw - xp.shape[3], xp.shape[3])
+            xp = np.pad(xp, ((0, 0), (0, 0), (0, need_h), (0, need_w)), mode="symmetric")
+        x = np.ascontiguousarray(xp)
+    y = model(x)
+    s = y.shape[2] // x.shape[2]
+    return y[:, :, : s * H, : s * W]
+
+
+def _starts(size, tile, overlap):
+    """Tile start offsets along one axis: step tile - overlap, the last tile flush with the end."""
+    if tile >= size:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, size - tile, step)) + [size - tile]
+    return sorted(set(starts))
+
+
+def _ramp(length, before, after):
+    """1-D blending weight of a tile: linear ramps over the overlaps with its neighbours."""
+    w = np.ones(length, np.float32)
+    if before:
+        w[:before] = (np.arange(before, dtype=np.float32) + 1) / (before + 1)
+    if after:
+        w[length - after:] = np.minimum(w[length - after:], (np.arange(after, 0, -1, dtype=np.float32)) / (after + 1))
+    return w
+
+
+def tile_grid(H, W, tile, overlap):
+    """The (y, x) start of every tile of an H x W image."""
+    if tile is None:
+        return [(0, 0)]
+    return [(y, x) for y in _starts(H, tile, overlap) for x in _starts(W, tile, overlap)]
+
+
+def tiled(model, x, tile=None, overlap=32, progress=None):
+    """model(x) over overlapping tiles of `tile` x `tile` input pixels (None: one piece).
+
+    `progress(n)` is called after each tile (e.g. a tqdm bar's update).
+    """
+    B, C, H, W = x.shape
+    if tile is None or (tile >= H and tile >= W):
+        y = padded(model, x)
+        if progress:
+            progress(1)
+        return y
+    if tile < 8 or not 0 <= overlap < tile:
+        raise ValueError(f"tile must be >= 8 and overlap in [0, tile), got tile {tile}, overlap {overlap}")
+    ys, xs = _starts(H, tile, overlap), _starts(W, tile, overlap)
+    out = weight = None
+    for i, y0 in enumerate(ys):
+        for j, x0 in enumerate(xs):
+            th, tw = min(tile, H), min(tile, W)
+            piece = padded(model, np.ascontiguousarray(x[:, :, y0:y0 + th, x0:x0 + tw]))
+            s = piece.shape[2] // th
+            if out is None:
+                out = np.zeros((B, piece.shape[1], s * H, s * W), np.float32)
+                weight = np.zeros((s * H, s * W), np.float32)
+            # ramp only where this tile overlaps a neighbour
+            up = (ys[i - 1] + th - y0) * s if i > 0 else 0
+            down = (y0 + th - ys[i + 1]) * s if i + 1 < len(ys) else 0
+            left = (xs[j - 1] + tw - x0) * s if j > 0 else 0
+            right = (x0 + tw - xs[j + 1]) * s if j + 1 < len(xs) else 0
+            w = np.outer(_ramp(s * th, up, down), _ramp(s * tw, left, right))
+            out[:, :, s * y0:s * (y0 + th), s * x0:s * (x0 + tw)] += piece * w
+            weight[s * y0:s * (y0 + th), s * x0:s * (x0 + tw)] += w
+            if progress:
+                progress(1)
+    return out / weight
+
+
+FLIPS = [(), (3,), (2,), (2, 3)]     # identity, left-right, up-down, both (official test.py)
+
+
+def ensemble(run, x):
+    """Mean of run(flip(x)) flipped back, over the four flips of the official self-ensemble."""
+    total = None
+    for axes in FLIPS:
+        xf = np.ascontiguousarray(np.flip(x, axes)) if axes else x
+        y = run(xf)
+        y = np.flip(y, axes) if axes else y
+        total = y.copy() if total is None else total + y
+    return total / np.float32(len(FLIPS))
+
+
+def n_tiles(H, W, tile, overlap):
+    return len(tile_grid(H, W, tile, overlap)) if tile is not None and (tile < H or tile < W) else 1
