@@ -49,7 +49,8 @@ def load_images(folder):
     paths = sorted(p for ext in ("png", "jpg", "jpeg") for p in glob.glob(os.path.join(folder, f"*.{ext}")))
     if not paths:
         raise SystemExit(f"no PNG/JPEG images in {folder}")
-    return [imread(p)[..., :3] for p in paths]
+    images = [imread(p) for p in paths]
+    return [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im[..., :3] for im in images]
 
 
 def random_patches(images, n, size, rng):
@@ -88,8 +89,9 @@ def validate(task, model, val_images, crop=256):
     with torch.no_grad():
         for img in val_images:
             h, w = img.shape[:2]
-            y, x = (h - crop) // 2, (w - crop) // 2
-            hr = (img[y:y + crop, x:x + crop].transpose(2, 0, 1) / 255.0).astype(np.float32)[None]
+            size = min(crop, h, w) // 8 * 8
+            y, x = (h - size) // 2, (w - size) // 2
+            hr = (img[y:y + size, x:x + size].transpose(2, 0, 1) / 255.0).astype(np.float32)[None]
             if task == "denoise":
                 inp = (hr + rng.standard_normal(hr.shape) * 25 / 255.0).astype(np.float32)
             else:
