@@ -25,15 +25,19 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MambaConfig:
-    """`mamba_cfg` of the official models: the MHSSM (ExtendedMamba) of every block."""
-    scan_type: str | None = "diagonal"
-    scan_count: int = 8
+    """`mamba_cfg` of the official models: the MHSSM (ExtendedMamba) of every block.
+
+    Defaults are the official ExtendedMamba constructor's, so a partial `mamba_cfg` builds the same
+    network as the official code; the released models' setting is `RELEASED_MAMBA` below.
+    """
+    scan_type: str | None = None
+    scan_count: int = 1
     scan_merge_method: str = "concate"
     disable_z_branch: bool = False
     d_state: int = 16
-    d_conv: int = 3
-    expand: float = 1
-    conv_2d: bool = True
+    d_conv: int = 4
+    expand: float = 2
+    conv_2d: bool = False
     dt_rank: int | str = "auto"
     conv_bias: bool = True        # depthwise conv bias (official default)
     bias: bool = False            # in_proj / out_proj bias (official default)
@@ -51,6 +55,12 @@ class MambaConfig:
         return K, (d // K if self.scan_merge_method == "concate" else d)
 
 
+# What every released config (configs/*-eamamba*.yaml) sets: the 8-direction all-around diagonal
+# scan with the 'concate' merge, 2-D depthwise conv 3x3, expand 1 (d_state 16; 10 for light SR).
+RELEASED_MAMBA = MambaConfig(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_state=16,
+                             d_conv=3, expand=1, conv_2d=True)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that decides the architecture of `EAMamba` (U-Net) or `EAMambaSR`."""
@@ -66,7 +76,7 @@ class ModelConfig:
     dual_pixel_task: bool = False           # EAMamba only
     channel_mixer_type: str = "simple"
     upscale: int = 1
-    mamba: MambaConfig = field(default_factory=MambaConfig)
+    mamba: MambaConfig = RELEASED_MAMBA      # the official constructors require a mamba_cfg
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -75,11 +85,18 @@ class ModelConfig:
         if name not in MODEL_NAMES:
             raise ConfigError(f"unknown model name {name!r}; expected 'eamamba' or 'eamambasr'")
         args = dict(args or {})
-        mcfg = dict(args.get("mamba_cfg") or {})
-        mamba_fields = {f.name for f in dataclasses.fields(MambaConfig)}
-        mamba = MambaConfig(**{k: v for k, v in mcfg.items() if k in mamba_fields})
-        if isinstance(mamba.scan_type, str):
-            mamba = dataclasses.replace(mamba, scan_type=mamba.scan_type.lower())
+        if args.get("mamba_cfg") is None:
+            # the official constructors cannot run without one; use the released setting
+            # (as the PyTorch reference does)
+            mamba = RELEASED_MAMBA
+        else:
+            mcfg = dict(args["mamba_cfg"])
+            if mcfg.get("scan_count") is None:
+                raise ConfigError("mamba_cfg has no scan_count (1, 2, 4 or 8); the official code requires it")
+            mamba_fields = {f.name for f in dataclasses.fields(MambaConfig)}
+            mamba = MambaConfig(**{k: v for k, v in mcfg.items() if k in mamba_fields})
+            if isinstance(mamba.scan_type, str):
+                mamba = dataclasses.replace(mamba, scan_type=mamba.scan_type.lower())
         model_fields = {f.name for f in dataclasses.fields(cls)} - {"name", "mamba"}
         kwargs = {k: v for k, v in args.items() if k in model_fields}
         if "num_blocks" in kwargs:

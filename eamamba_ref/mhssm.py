@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layers, scans
-from . import ssm
+from . import layers, scans, ssm
+from .ssm import fused
+from .trace import record
 
 
 def depthwise_conv(x, weight, bias, size, conv_2d):
@@ -54,6 +55,8 @@ def mhssm(p, x, size, cfg, backend=None):
     x: `(B, C, L)` layer-normed features of an (H, W) map, channel-first, L = H*W.
     cfg: `config.MambaConfig`. Returns `(B, C, L)`.
     """
+    if _fused(cfg, backend):
+        return fused.mhssm_numba(p, x, size, cfg)
     B, C, L = x.shape
     d = cfg.d_inner(C)
     N = cfg.d_state
@@ -65,17 +68,18 @@ def mhssm(p, x, size, cfg, backend=None):
     xz = np.matmul(p["in_proj.weight"], x)
     if "in_proj.bias" in p:
         xz += p["in_proj.bias"][:, None]
+    record("in_proj", xz)
     xs, z = (xz, None) if cfg.disable_z_branch else (xz[:, :d], xz[:, d:])
 
     # 2. local mixing: depthwise conv then SiLU
-    xs = layers.silu(depthwise_conv(xs, p["conv.weight"], p.get("conv.bias"), size, cfg.conv_2d))
+    xs = record("act", layers.silu(depthwise_conv(xs, p["conv.weight"], p.get("conv.bias"), size, cfg.conv_2d)))
 
     # 3. all-around transform: K directional sequences (B, K, C', L)
-    xs = scans.all_around(xs, size, *kind)
+    xs = record("all_around", scans.all_around(xs, size, *kind))
 
     # 4. input-dependent SSM parameters, per direction (the "selective" part)
-    x_dbl = np.matmul(p["x_proj_weight"], xs)                       # (B, K, R + 2N, L)
-    dts = np.matmul(p["dt_projs_weight"], x_dbl[:, :, :R])           # (B, K, C', L)
+    x_dbl = record("x_proj", np.matmul(p["x_proj_weight"], xs))     # (B, K, R + 2N, L)
+    dts = record("dt_proj", np.matmul(p["dt_projs_weight"], x_dbl[:, :, :R]))   # (B, K, C', L)
     Bs = np.ascontiguousarray(x_dbl[:, :, R:R + N])                  # (B, K, N, L): group k = head k
     Cs = np.ascontiguousarray(x_dbl[:, :, R + N:])                   # (B, K, N, L)
     A = -np.exp(p["A_logs"])                                         # (K*C', N)
@@ -86,14 +90,31 @@ def mhssm(p, x, size, cfg, backend=None):
                        delta_softplus=True, backend=backend)         # (B, K*C', L)
 
     # 6. back to row-major order, merge directions, normalise, gate, project out
-    y = scans.restore(y.reshape(B, K, Cp, L), size, *kind)            # (B, d, L)
-    y = layers.layer_norm(y, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5, axis=1)
+    record("selective_scan", y)
+    y = record("restore", scans.restore(y.reshape(B, K, Cp, L), size, *kind))   # (B, d, L)
+    y = record("out_norm", layers.layer_norm(y, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5, axis=1))
     if z is not None:
-        y *= layers.silu(z)
+        y = record("gate", y * layers.silu(z))
     out = np.matmul(p["out_proj.weight"], y)                         # (B, C, L)
     if "out_proj.bias" in p:
         out += p["out_proj.bias"][:, None]
-    return out
+    return record("out_proj", out)
+
+
+def _fused(cfg, backend):
+    """The one place where the backend changes the MHSSM: 'numba' runs the fused kernels of
+    `ssm.fused` (same function, no directional copies), which need heads owning separate channels
+    ('concate' merge, or one direction) and the 2-D conv. While a trace is being recorded the
+    plain composition runs, so that every intermediate stage is there to record."""
+    name = ssm.get_default_backend() if backend is None else backend
+    return (name == "numba" and cfg.conv_2d and not _tracing()
+            and (cfg.scan_merge_method == "concate" or cfg.scan_count == 1))
+
+
+def _tracing():
+    from . import trace
+    recorder = getattr(trace, "_recorder", None)
+    return recorder is not None and recorder.get() is not None
 
 
 def mhssm_parameter_shapes(d_model, cfg):

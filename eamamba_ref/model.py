@@ -20,6 +20,7 @@ import numpy as np
 from . import layers
 from .config import ModelConfig
 from .mhssm import mhssm, mhssm_parameter_shapes
+from .trace import record, scope
 
 
 def sub(params, prefix):
@@ -66,15 +67,19 @@ def channel_mixer(p, x, kind):
 def block(p, x, cfg, backend=None):
     """MambaFormerBlock: x + MHSSM(LN(x)), then + FFN(LN(x)). x: `(B, C, H, W)`."""
     B, C, H, W = x.shape
-    tokens = norm(p, "norm1", x).reshape(B, C, H * W)
-    x = x + mhssm(sub(p, "mamba"), tokens, (H, W), cfg.mamba, backend).reshape(B, C, H, W)
-    return x + channel_mixer(sub(p, "ffn"), norm(p, "norm2", x), cfg.channel_mixer_type)
+    tokens = record("norm1", norm(p, "norm1", x)).reshape(B, C, H * W)
+    with scope("mamba"):
+        mixed = mhssm(sub(p, "mamba"), tokens, (H, W), cfg.mamba, backend)
+    x = x + record("mamba", mixed).reshape(B, C, H, W)                   # mamba: (B, C, L)
+    ffn = channel_mixer(sub(p, "ffn"), record("norm2", norm(p, "norm2", x)), cfg.channel_mixer_type)
+    return record("", x + record("ffn", ffn))                             # the block's output
 
 
 def blocks(params, prefix, count, x, cfg, backend=None):
     """`count` blocks in sequence (an official nn.Sequential named `prefix`)."""
     for i in range(count):
-        x = block(sub(params, f"{prefix}.{i}"), x, cfg, backend)
+        with scope(f"{prefix}.{i}"):
+            x = block(sub(params, f"{prefix}.{i}"), x, cfg, backend)
     return x
 
 
@@ -88,23 +93,31 @@ def eamamba(params, cfg, x, backend=None):
     n1, n2, n3, n4 = cfg.num_blocks
     P = params
 
-    enc1_in = conv(P, "patch_embed.proj", x)
-    enc1 = blocks(P, "encoder_level1", n1, enc1_in, cfg, backend)
-    enc2 = blocks(P, "encoder_level2", n2, layers.pixel_unshuffle(conv(P, "down1_2.body.0", enc1), 2), cfg, backend)
-    enc3 = blocks(P, "encoder_level3", n3, layers.pixel_unshuffle(conv(P, "down2_3.body.0", enc2), 2), cfg, backend)
-    latent = blocks(P, "latent", n4, layers.pixel_unshuffle(conv(P, "down3_4.body.0", enc3), 2), cfg, backend)
+    def down(name, v):                  # Downsample: 3x3 conv to C/2, PixelUnshuffle(2)
+        return record(name, layers.pixel_unshuffle(conv(P, f"{name}.body.0", v), 2))
 
-    dec3 = np.concatenate([layers.pixel_shuffle(conv(P, "up4_3.body.0", latent), 2), enc3], axis=1)
-    dec3 = blocks(P, "decoder_level3", n3, conv(P, "reduce_chan_level3", dec3), cfg, backend)
-    dec2 = np.concatenate([layers.pixel_shuffle(conv(P, "up3_2.body.0", dec3), 2), enc2], axis=1)
-    dec2 = blocks(P, "decoder_level2", n2, conv(P, "reduce_chan_level2", dec2), cfg, backend)
-    dec1 = np.concatenate([layers.pixel_shuffle(conv(P, "up2_1.body.0", dec2), 2), enc1], axis=1)
+    def up(name, v):                    # Upsample: 3x3 conv to 2C, PixelShuffle(2)
+        return record(name, layers.pixel_shuffle(conv(P, f"{name}.body.0", v), 2))
+
+    enc1_in = record("patch_embed", conv(P, "patch_embed.proj", x))
+    enc1 = blocks(P, "encoder_level1", n1, enc1_in, cfg, backend)
+    enc2 = blocks(P, "encoder_level2", n2, down("down1_2", enc1), cfg, backend)
+    enc3 = blocks(P, "encoder_level3", n3, down("down2_3", enc2), cfg, backend)
+    latent = blocks(P, "latent", n4, down("down3_4", enc3), cfg, backend)
+
+    dec3 = np.concatenate([up("up4_3", latent), enc3], axis=1)
+    dec3 = blocks(P, "decoder_level3", n3, record("reduce_chan_level3", conv(P, "reduce_chan_level3", dec3)),
+                  cfg, backend)
+    dec2 = np.concatenate([up("up3_2", dec3), enc2], axis=1)
+    dec2 = blocks(P, "decoder_level2", n2, record("reduce_chan_level2", conv(P, "reduce_chan_level2", dec2)),
+                  cfg, backend)
+    dec1 = np.concatenate([up("up2_1", dec2), enc1], axis=1)
     dec1 = blocks(P, "decoder_level1", n1, dec1, cfg, backend)       # stays at 2c: no reduction
     dec1 = blocks(P, "refinement", cfg.num_refinement_blocks, dec1, cfg, backend)
 
     if cfg.dual_pixel_task:             # defocus deblurring: skip from the embedding, no residual
-        return conv(P, "output", dec1 + conv(P, "skip_conv", enc1_in))
-    return conv(P, "output", dec1) + x
+        return record("output", conv(P, "output", dec1 + record("skip_conv", conv(P, "skip_conv", enc1_in))))
+    return record("result", record("output", conv(P, "output", dec1)) + x)     # + the input (residual)
 
 
 def upscale(params, prefix, x, scale):
@@ -118,15 +131,16 @@ def upscale(params, prefix, x, scale):
 def eamamba_sr(params, cfg, x, backend=None):
     """EAMambaSR. x: `(B, inp_channels, H, W)` (any H, W) -> `(B, out, s*H, s*W)`, s = upscale."""
     P = params
-    x = conv(P, "conv_first", x)
+    x = record("conv_first", conv(P, "conv_first", x))
     features = x
     for i, count in enumerate(cfg.num_blocks):     # residual groups
         group_in = features
         features = blocks(P, f"layers.{i}.blocks", count, features, cfg, backend)
-        features = conv(P, f"layers.{i}.conv", features) + group_in
-    x = conv(P, "conv_after_body", norm(P, "norm", features)) + x
-    x = layers.leaky_relu(conv(P, "conv_before_upsample.0", x), 0.01)
-    return conv(P, "conv_last", upscale(P, "upsample", x, cfg.upscale))
+        features = record(f"layers.{i}", conv(P, f"layers.{i}.conv", features) + group_in)
+    x = record("conv_after_body", conv(P, "conv_after_body", record("norm", norm(P, "norm", features)))) + x
+    x = record("conv_before_upsample", layers.leaky_relu(conv(P, "conv_before_upsample.0", x), 0.01))
+    x = record("upsample", upscale(P, "upsample", x, cfg.upscale))
+    return record("conv_last", conv(P, "conv_last", x))
 
 
 # -------------------------------------------------------------------- parameter shapes

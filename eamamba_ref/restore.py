@@ -182,7 +182,7 @@ def main(argv=None):
     ap.add_argument("inputs", nargs="*", help="image files (PNG, JPEG, TIFF); none: run the demo on a bundled sample")
     ap.add_argument("--task", default="denoise", choices=list(TASKS), metavar="TASK",
                     help="restoration task (default: denoise); --list-tasks shows them")
-    ap.add_argument("-o", "--output", help="output file (one input) or folder")
+    ap.add_argument("-o", "--output", "--out", help="output file (one input) or folder")
     ap.add_argument("--weights", help="official checkpoint (.pth) or converted file (.npz)")
     ap.add_argument("--sigma", type=float, help="add gaussian noise of this std (0-255 scale) first")
     ap.add_argument("--seed", type=int, default=0, help="seed of --sigma noise (default 0)")
@@ -192,6 +192,10 @@ def main(argv=None):
     ap.add_argument("--backend", choices=["numpy", "numba", "cuda"], help="selective-scan kernel (default: fastest)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--list-tasks", action="store_true", help="list the tasks and their weights, then exit")
+    # cluster mode (eamamba_ref.distributed): on for folders/globs, --scheduler, --workers or --chunk
+    ap.add_argument("--scheduler", help="Dask scheduler address, or 'local' (default for folders/globs)")
+    ap.add_argument("--workers", type=int, help="workers of the local Dask cluster (default: one per core)")
+    ap.add_argument("--chunk", type=int, help="restore TIFFs larger than memory in chunks of this size (Dask)")
     args = ap.parse_args(argv)
 
     if args.list_tasks:
@@ -207,6 +211,9 @@ def main(argv=None):
         if not args.inputs:
             run_demo(task, model, args)
             return 0
+        from .distributed import run_command, wants_cluster
+        if wants_cluster(args):
+            return run_command(task, args, backend)
         groups = [args.inputs] if task.inputs == 2 else [[p] for p in args.inputs]
         if task.inputs == 2 and len(args.inputs) != 2:
             raise RestoreError(f"task '{task.name}' takes exactly two inputs (left and right dual-pixel views), "

@@ -119,3 +119,16 @@ def test_checkpoint_of_another_architecture_is_one_clear_error(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 64)}, other)
     with pytest.raises(CheckpointError, match="not an EAMamba"):
         load(other)
+
+
+def test_partial_mamba_cfg_means_the_official_defaults(tmp_path):
+    # mamba_cfg keys left out take ExtendedMamba's defaults (d_conv 4, 1-D conv, expand 2, d_state 16)
+    args = dict(ARGS, mamba_cfg=dict(scan_type="hilbert", scan_count=4, scan_merge_method="add"))
+    path, _, ema = official_checkpoint(tmp_path, "eamamba", args)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        want = ema(x).numpy()
+    model = load(path)
+    m = model.config.mamba
+    assert (m.d_conv, m.conv_2d, m.expand, m.d_state) == (4, False, 2, 16)
+    assert rel_err(model(x.numpy()), want) <= 1e-4

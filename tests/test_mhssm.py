@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from eamamba_ref import scans
-from eamamba_ref.config import MambaConfig
+from eamamba_ref.config import RELEASED_MAMBA, MambaConfig
 from eamamba_ref.mhssm import mhssm, mhssm_parameter_shapes
 
 
@@ -184,7 +184,7 @@ def test_mhssm_matches_float64_official_composition(scan, merge, expand, conv_2d
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_mhssm_backends_agree(backend):
-    cfg = MambaConfig(scan_type="diagonal", scan_count=8, d_state=16)
+    cfg = RELEASED_MAMBA                         # diagonal x8 concate, 2-D conv: numba's fused path
     rng = np.random.default_rng(3)
     p = random_params(32, cfg, rng)
     x = rng.standard_normal((1, 32, 48)).astype(np.float32)
@@ -198,7 +198,7 @@ def test_mhssm_matches_pytorch_reference():
     for scan_type, K, merge, conv_2d in [("diagonal", 8, "concate", True), ("hilbert", 4, "add", False),
                                          (None, 2, "concate", True), ("zigzag", 4, "concate", True)]:
         cfg = MambaConfig(scan_type=scan_type, scan_count=K, scan_merge_method=merge, d_state=16,
-                          d_conv=3 if conv_2d else 4, conv_2d=conv_2d)
+                          d_conv=3 if conv_2d else 4, conv_2d=conv_2d, expand=1)
         torch.manual_seed(0)
         module = torch_ref.ExtendedMamba(32, torch_ref.ScanTransform(scan_type, K, merge),
                                          d_state=16, d_conv=cfg.d_conv, expand=1, conv_2d=conv_2d)

@@ -165,53 +165,61 @@ def test_inputs_without_grad_and_other_dtypes():
     assert rel_err(got.double(), ref.double()) < 1e-2
 
 
+def denormals_flushed():
+    """Probe the calling thread's FTZ/DAZ mode: with it, a denormal times one is zero."""
+    return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="FTZ/DAZ is set through the x86 MXCSR")
 def test_denormal_states_are_flushed_and_caller_mode_restored():
     # One impulse, then a decay of exp(-0.5) per step with C = 1: y_t = 0.5 exp(-0.5 t) exactly
     # (float64 golden), which passes below the smallest normal float32 (1.2e-38) at t ~ 175.
     # In the kernel the flushed state must read 0 there (no denormal arithmetic), and the
-    # caller's floating-point mode must be what it was.
+    # caller's floating-point mode must be what it was, flushing or not.
     l = 220
     u = torch.zeros(1, 1, l)
     u[0, 0, 0] = 1.0
     args = dict(delta=torch.full((1, 1, l), 0.5), A=-torch.ones(1, 1),
                 B=torch.ones(1, 1, 1, l), C=torch.ones(1, 1, 1, l))
-    flushed_before = tr.selective_scan.__globals__["_denormals_are_flushed"]()
-    out = selective_scan_numba(u, **args).double()
     want = 0.5 * torch.exp(-0.5 * torch.arange(l, dtype=torch.float64))
     normal = want > 1.2e-38
-    assert rel_err(out[0, 0, normal], want[normal]) < 1e-5
-    assert (out[0, 0, want < 1e-39] == 0).all()
-    assert tr.selective_scan.__globals__["_denormals_are_flushed"]() == flushed_before
+    was_flushing = denormals_flushed()
+    try:
+        for flush in (False, True):
+            torch.set_flush_denormal(flush)
+            out = selective_scan_numba(u, **args).double()
+            assert denormals_flushed() == flush
+            assert rel_err(out[0, 0, normal], want[normal]) < 1e-5
+            assert (out[0, 0, want < 1e-39] == 0).all()
+    finally:
+        torch.set_flush_denormal(was_flushing)
 
 
-def test_scan_mode_numba_in_the_model():
-    # set_scan_mode('numba') routes every ExtendedMamba through the Numba Function; in float64 the
-    # model's outputs and parameter gradients equal those of the 'chunked' mode.
-    args = dict(inp_channels=3, out_channels=3, dim=16, num_blocks=[1, 1, 1, 1],
-                num_refinement_blocks=1, ffn_expansion_factor=2, bias=False,
-                channel_mixer_type="Simple",
-                mamba_cfg={"scan_type": "diagonal", "scan_count": 8, "scan_merge_method": "concate",
-                           "disable_z_branch": False, "d_state": 4, "d_conv": 3, "expand": 2,
-                           "conv_2d": True})
+def test_scan_mode_numba_in_extended_mamba():
+    # set_scan_mode('numba') routes ExtendedMamba (the MHSSM of every EAMamba block) through the
+    # Numba Function; in float64 its output and all gradients equal those of the 'chunked' mode.
     torch.manual_seed(0)
-    model = tr.build_from_args("eamamba", args).double()
-    img = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    mhssm = tr.ExtendedMamba(16, tr.ScanTransform("diagonal", 8, "concate"), conv_2d=True,
+                             d_state=4, d_conv=3, expand=2).double()
+    tokens = torch.randn(2, 12 * 10, 16, dtype=torch.float64)
     results = []
     for mode in ("chunked", "numba"):
         tr.set_scan_mode(mode)
         try:
-            model.zero_grad()
-            out = model(img)
+            mhssm.zero_grad()
+            x = tokens.clone().requires_grad_(True)
+            out = mhssm(x, (12, 10))
             out.square().mean().backward()
         finally:
             tr.set_scan_mode("chunked")
-        results.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+        grads = {k: p.grad.clone() for k, p in mhssm.named_parameters()}
+        grads["tokens"] = x.grad
+        results.append((out.detach(), grads))
     assert rel_err(results[1][0], results[0][0]) < 1e-12
+    assert {"A_logs", "Ds", "dt_projs_bias", "dt_projs_weight", "x_proj_weight"} <= set(results[0][1])
     for k, want in results[0][1].items():
-        assert rel_err(results[1][1][k], want) < 1e-9, k
-    assert tr.get_scan_mode() == "chunked"
+        assert rel_err(results[1][1][k], want) < 1e-10, k
 
 
 def test_bad_inputs():

@@ -2,8 +2,9 @@
 
 ``selective_scan_numba`` takes the arguments of ``torch_ref.selective_scan`` and returns the same
 values, but the forward and backward passes are single parallel Numba kernels instead of graphs
-of torch ops: no (b, d, n, l) tensor is built, and memory held for the backward is the inputs
-plus the states at chunk borders, ``(b, d, ceil(l / chunk), n)``.
+of torch ops: no (b, d, n, l) tensor is built, and memory held for the backward is the inputs,
+the states at chunk borders ``(b, d, ceil(l / chunk), n)`` and, with z, the output before the
+gate ``(b, d, l)``.
 
 Layout handled here, not in the kernels: B and C reach the kernels as ``(b, g, n, l)``;
 ``(b, n, l)`` becomes one group (a view) and a constant ``(d, n)`` is expanded to
@@ -44,6 +45,10 @@ class SelectiveScanFn(torch.autograd.Function):
         n = A.shape[1]
         dtype = u.dtype
         run, tasks = kern.task_layout(d, B.shape[1], C.shape[1])
+        # Contiguous copies (of e.g. B and C sliced out of one projection) are made once and
+        # saved, so the backward pass does not copy again.
+        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        z = None if z is None else z.contiguous()
         zeros_d = torch.zeros(d, dtype=dtype)
         arrays = (
             _np(u), _np(delta), _np(A), _np(B), _np(C),

@@ -1,0 +1,184 @@
+"""A correctness oracle for other EAMamba implementations: named activations, saved and compared.
+
+    # every named activation of a forward pass, to a file
+    python -m eamamba_ref.oracle run WEIGHTS --shape 1 3 64 64 -o numpy_trace.npz
+    python -m eamamba_ref.oracle run WEIGHTS --shape 1 3 64 64 --impl torch -o torch_trace.npz
+    # the first layer where two traces diverge
+    python -m eamamba_ref.oracle compare numpy_trace.npz torch_trace.npz --tol 1e-4
+
+Names are the official module names (`encoder_level1.0`, `encoder_level1.0.mamba`,
+`encoder_level1.0.mamba.out_norm`, `down1_2`, `output`, ...), plus the MHSSM's internal stages that
+are not modules in the official code (`...mamba.in_proj`, `act`, `all_around`, `x_proj`, `dt_proj`,
+`selective_scan`, `restore`, `gate`). Layouts: image-level activations `(B, C, H, W)`; the MHSSM's
+`(B, C, L)` (its module outputs are tokens `(B, L, C)` in the official code: transposed here),
+`all_around`/`x_proj`/`dt_proj` `(B, K, ., L)`, `selective_scan` `(B, K*C', L)`. Another
+implementation only has to produce the names it has; `compare` walks the first file's names in
+forward order and checks those present in both.
+
+A trace file is an `.npz` (no pickle) with one array per name and a JSON `__meta__` entry.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from .trace import recording
+
+META = "__meta__"
+# torch modules whose outputs are tokens (B, L, C): stored transposed to (B, C, L)
+_TOKEN_MODULES = (".mamba", ".mamba.in_proj", ".mamba.out_norm", ".mamba.out_proj")
+
+
+def trace_numpy(model, x):
+    """Every named activation of `model(x)` (an eamamba_ref.EAMamba), in forward order."""
+    with recording() as rec:
+        out = model(x)
+    rec.values["result"] = np.asarray(out, np.float32)      # the model output, under one name for all models
+    return rec.values
+
+
+def trace_torch(module, x):
+    """Every named module output of a torch model (the PyTorch reference or the official code)."""
+    import torch
+
+    values, handles = {}, []
+
+    def hook(name):
+        def fn(_mod, _inp, out):
+            if isinstance(out, torch.Tensor):
+                v = out.detach().float().cpu().numpy()
+                if name.endswith(_TOKEN_MODULES) and v.ndim == 3:
+                    v = v.transpose(0, 2, 1)
+                values[name] = np.ascontiguousarray(v)
+        return fn
+
+    for name, mod in module.named_modules():
+        if name:
+            handles.append(mod.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            out = module(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+    finally:
+        for h in handles:
+            h.remove()
+    values["result"] = out.detach().float().cpu().numpy()
+    return values
+
+
+def save_trace(path, values, meta=None):
+    """Write a trace atomically: one array per name (forward order kept in the metadata)."""
+    meta = dict(meta or {}, order=list(values))
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=directory)
+    os.close(fd)
+    try:
+        np.savez(tmp, **{META: np.array(json.dumps(meta))}, **values)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_trace(path):
+    """(values in forward order, meta) from a trace file (no pickle)."""
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f[META])) if META in f.files else {}
+        order = meta.get("order") or [k for k in f.files if k != META]
+        return {k: f[k] for k in order if k in f.files}, meta
+
+
+def compare(reference, other, tol=1e-4):
+    """Walk `reference`'s names in order; return (first divergent name or None, rows).
+
+    rows: (name, relative error max|a-b|/max|ref|, shapes) for every name present in both.
+    A shape mismatch counts as a divergence (relative error inf).
+    """
+    rows, first = [], None
+    for name, ref in reference.items():
+        if name not in other:
+            continue
+        got = other[name]
+        if ref.shape != got.shape:
+            err = float("inf")
+        else:
+            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+            diff = float(np.max(np.abs(ref.astype(np.float64) - got))) if ref.size else 0.0
+            err = diff / scale if scale > 0 else diff
+        rows.append((name, err, ref.shape, got.shape))
+        if first is None and not err <= tol:
+            first = name
+    return first, rows
+
+
+def _torch_model(model):
+    from .torch_ref import build_from_args
+    import torch
+
+    module = build_from_args(model.config.name, model.config.to_args()).eval()
+    module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in model.params.items()}, strict=True)
+    return module
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eamamba_ref.oracle", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="trace a forward pass")
+    run.add_argument("weights", help="official .pth, bare state dict or converted .npz")
+    run.add_argument("--impl", choices=["numpy", "torch"], default="numpy",
+                     help="numpy (this project) or torch (the PyTorch reference on the same weights)")
+    run.add_argument("--input", help="an image file (otherwise a seeded random input of --shape)")
+    run.add_argument("--shape", type=int, nargs=4, default=[1, 3, 32, 32], metavar=("B", "C", "H", "W"))
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("-o", "--output", required=True)
+    cmp_ = sub.add_parser("compare", help="first layer where two traces diverge")
+    cmp_.add_argument("reference")
+    cmp_.add_argument("other")
+    cmp_.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    cmp_.add_argument("--all", action="store_true", help="print every compared layer")
+    args = ap.parse_args(argv)
+
+    from .checkpoint import CheckpointError
+    from .images import ImageError, read_image
+    from .loading import load
+
+    try:
+        if args.cmd == "run":
+            model = load(args.weights)
+            if args.input:
+                px = read_image(args.input).pixels
+                x = np.ascontiguousarray(np.repeat(px, 3, 2) if px.shape[2] == 1 else px).transpose(2, 0, 1)[None]
+            else:
+                x = np.random.default_rng(args.seed).random(tuple(args.shape), dtype=np.float32)
+            values = trace_numpy(model, x) if args.impl == "numpy" else trace_torch(_torch_model(model), x)
+            save_trace(args.output, {"input": np.ascontiguousarray(x, np.float32), **values},
+                       {"impl": args.impl, "weights": str(args.weights), "config": model.config.to_json()})
+            print(f"wrote {len(values)} activations to {args.output}")
+            return 0
+        ref, meta_a = load_trace(args.reference)
+        other, meta_b = load_trace(args.other)
+    except (CheckpointError, ImageError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    first, rows = compare(ref, other, args.tol)
+    if not rows:
+        print("error: the two traces have no activation name in common", file=sys.stderr)
+        return 2
+    for name, err, sa, sb in rows:
+        if args.all or name == first:
+            shape = f"{sa}" if sa == sb else f"{sa} vs {sb}"
+            print(f"{name:45s} rel. error {err:.3g}  {shape}")
+    if first is None:
+        print(f"agree: {len(rows)} common activations within relative error {args.tol:g} "
+              f"(largest {max(r[1] for r in rows):.3g})")
+        return 0
+    print(f"first divergence: {first} (relative error above {args.tol:g}; {len(rows)} common activations)")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The MHSSM's middle part as fused, parallel Numba kernels (the 'numba' backend's fast path).
+
+The plain composition (`mhssm.py`, and the 'numpy' backend) gathers the K directional sequences
+into a `(B, K, C', L)` copy, projects them, scans, and scatters the result back to row-major order:
+five passes over memory that only move data. Two observations remove all of them:
+
+* x_proj and dt_proj act on every pixel separately, so they commute with the reordering: they can
+  be applied to the row-major map, and the scan kernel reads its inputs *through* the direction's
+  index table (step t of head k visits pixel `table[k, t]`) and writes y straight back to that
+  pixel. No directional copy exists, and `restore` is free.
+* Inside the kernel, data is laid out pixel-major, `(B, L, channels)`: one step of a head reads
+  the C' channels of one pixel and its dt/B/C row, a few contiguous cache lines, whatever the scan
+  ordering. (Channel-first rows would cost one cache miss per channel per step on a diagonal sweep.)
+
+Kernels (all float32, all parallel over `prange` tasks), and `mhssm_numba` which strings them
+together with NumPy's BLAS for in_proj, x_proj and out_proj:
+
+    dwconv_silu_pixel_major   depthwise k x k conv + bias + SiLU, (B, d, H, W) -> (B, L, d)
+    directional_scan          dt_proj + delta_bias + softplus + scan + D skip, gather/scatter fused
+    layer_norm_gate           LayerNorm over channels * SiLU(z), in place on (B, L, d)
+
+The recurrence itself is the one of `cpu.py` (SIMD over the state index, vectorisable exp from
+`fastexp`, denormal-safe), so the accuracy statement there holds here: agreement with the float32
+NumPy reference to ~1e-6 of the output scale (tests/test_fused.py checks 1e-5). Per state update
+this kernel is still ~1.6x slower than `cpu.scan_kernel` on contiguous inputs (single thread:
+~2.5 vs ~1.5 ns), the price of its per-step gathers and of dt_proj; the MHSSM as a whole is faster
+because the copies it replaces cost more.
+"""
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .cpu import BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS_PER_THREAD
+from .fastexp import FASTMATH, FASTMATH_REASSOC, TINY, decay_exp2, fexp, silu, softplus
+
+f32 = np.float32
+LOG2E = f32(1.4426950408889634)
+
+__all__ = ["dwconv_silu_pixel_major", "directional_scan", "layer_norm_gate", "channels_per_task"]
+
+
+def channels_per_task(batch, heads, channels_per_head, threads=None):
+    """Channels of one head per scan task: up to MAX_TASK_CHANNELS, fewer if that leaves threads idle."""
+    threads = numba.get_num_threads() if threads is None else threads
+    wanted = -(-batch * heads * channels_per_head // (TASKS_PER_THREAD * threads))
+    return max(1, min(channels_per_head, MAX_TASK_CHANNELS, wanted))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loops written inline in a prange body are not vectorised by LLVM here (measured 3-6x slower);
+# the same loops in small functions of their own are. Hence the helpers.
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _axpy(acc, a, src):
+    """acc += a * src (1-D, same length)."""
+    for j in range(src.size):
+        acc[j] += a * src[j]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _bias_silu(row, bias):
+    """row = silu(row + bias), in place."""
+    for j in range(row.size):
+        row[j] = silu(row[j] + bias)
+
+
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def _dwconv_silu_kernel(x, w, bias, out):
+    """out[b, i*W + j, c] = silu(bias[c] + sum_{di, dj} w[c, di, dj] x[b, c, i+di-p, j+dj-p]).
+
+    x (B, d, H, W); w (d, k, k), k odd; bias (d,); out (B, H*W, d). One task = one output row of
+    one batch item: it convolves every channel into a (d, W + 2p) tile (tap dj of the kernel
+    adds the whole input row at offset 2p - dj, so the row borders need no special case), then
+    writes the tile transposed: both the reads and the writes are contiguous.
+    """
+    batch, d, H, W = x.shape
+    k = w.shape[1]
+    pad = (k - 1) // 2
+    for task in prange(batch * H):
+        b = task // H
+        i = task % H
+        tile = np.zeros((d, W + 2 * pad), dtype=f32)
+        for c in range(d):
+            acc = tile[c]
+            for di in range(k):
+                src_i = i + di - pad
+                if 0 <= src_i < H:                      # rows outside are the zero padding
+                    for dj in range(k):
+                        _axpy(acc[2 * pad - dj:2 * pad - dj + W], w[c, di, dj], x[b, c, src_i])
+            _bias_silu(acc[pad:pad + W], bias[c])
+        base = i * W
+        for j in range(W):
+            dst = out[b, base + j]
+            for c in range(d):
+                dst[c] = tile[c, j + pad]
+
+
+def dwconv_silu_pixel_major(x, weight, bias):
+    """SiLU(depthwise conv(x)) with 'same' zero padding, transposed to pixel-major.
+
+    x: `(B, d, H, W)` float32; weight: `(d, 1, k, k)`, k odd; bias: `(d,)` or None.
+    Returns `(B, H*W, d)` float32.
+    """
+    B, d, H, W = x.shape
+    w = np.ascontiguousarray(weight.reshape(d, weight.shape[-2], weight.shape[-1]), dtype=f32)
+    b = np.zeros(d, f32) if bias is None else np.ascontiguousarray(bias, dtype=f32)
+    out = np.empty((B, H * W, d), dtype=f32)
+    _dwconv_silu_kernel(np.ascontiguousarray(x, dtype=f32), w, b, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def _scan_chunk(h, a, dt_in, w, bias, Dv, u, b_chunk, c_chunk, steps, dt, du, y):
+    """One chunk of `steps` steps for the task's channels j: delta_j = softplus(w[j] . dt_in + bias[j]),
+    the recurrence from state h[j] (updated), y[j, t] = C_t . h_t + D_j u[j, t].
+
+    h, a: (channels, n_blocks, BLOCK), a = A log2(e); dt_in: (R, CHUNK); u, y: (channels, CHUNK);
+    b_chunk, c_chunk: (CHUNK, n_blocks, BLOCK); dt, du: (CHUNK,) scratch.
+    A function of its own, like the helpers above: the prange body only gathers and scatters.
+    """
+    n_blocks = h.shape[1]
+    for j in range(h.shape[0]):
+        for t in range(steps):
+            dt[t] = bias[j]
+        for r in range(w.shape[1]):
+            wr = w[j, r]
+            for t in range(steps):
+                dt[t] += wr * dt_in[r, t]
+        for t in range(steps):
+            dt[t] = softplus(dt[t])
+        for t in range(steps):
+            du[t] = dt[t] * u[j, t]
+        # The recurrence: sequential in t, vectorised over the state index.
+        for t in range(steps):
+            dt_t = dt[t]
+            du_t = du[t]
+            y_t = f32(0.0)
+            for nb in range(n_blocks):
+                for kk in range(BLOCK):
+                    decay = decay_exp2(dt_t * a[j, nb, kk])
+                    h_new = decay * h[j, nb, kk] + du_t * b_chunk[t, nb, kk]
+                    h_new = f32(0.0) if abs(h_new) < TINY else h_new       # no denormals
+                    h[j, nb, kk] = h_new
+                    y_t += c_chunk[t, nb, kk] * h_new
+            y[j, t] = y_t + Dv[j] * u[j, t]
+
+
+# ------------------------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def _directional_scan_kernel(u, xdbl, table, w_dt, bias, A, Dv, per_task, y):
+    """The K directional selective scans of an MHSSM ('concate' merge), fused with their reordering.
+
+    u: (batch, L, d) pixel-major, channel c belongs to head c // C' (C' = d / K);
+    xdbl: (batch, K, L, R + 2N), per pixel in row-major order: dt inputs, B, C of each head;
+    table: (K, L) int64, step t of head k visits pixel table[k, t];
+    w_dt: (K, C', R); bias, Dv: (d,); A: (d, N), negative; y: (batch, L, d), written per pixel.
+
+    A task is `per_task` channels of one head of one batch item. Per chunk of CHUNK steps it
+    gathers the chunk's B, C (into [time, block, lane] order for the SIMD loop), computes
+    delta = softplus(w_dt . dt_in + bias) and delta * u, runs the recurrence channel by channel
+    (as cpu.scan_kernel does), and scatters y + D u back to the pixels.
+    """
+    batch, length, n_channels = u.shape
+    K = xdbl.shape[1]
+    R = w_dt.shape[2]
+    Cp = n_channels // K
+    n_state = A.shape[1]
+    n_blocks = (n_state + BLOCK - 1) // BLOCK
+    per_head = (Cp + per_task - 1) // per_task
+    n_tasks = batch * K * per_head
+
+    for task in prange(n_tasks):
+        b = task // (K * per_head)
+        k = (task // per_head) % K
+        j0 = (task % per_head) * per_task
+        n_ch = min(per_task, Cp - j0)
+        c0 = k * Cp + j0
+
+        a_pad = np.zeros((n_ch, n_blocks, BLOCK), dtype=f32)
+        h = np.zeros((n_ch, n_blocks, BLOCK), dtype=f32)
+        b_chunk = np.zeros((CHUNK, n_blocks, BLOCK), dtype=f32)
+        c_chunk = np.zeros((CHUNK, n_blocks, BLOCK), dtype=f32)
+        dt_in = np.empty((R, CHUNK), dtype=f32)       # the chunk's dt_proj inputs, [rank, time]
+        u_chunk = np.empty((n_ch, CHUNK), dtype=f32)
+        y_chunk = np.empty((n_ch, CHUNK), dtype=f32)
+        dt = np.empty(CHUNK, dtype=f32)          # delta of one channel over the chunk
+        du = np.empty(CHUNK, dtype=f32)          # delta * u
+        for j in range(n_ch):
+            for n in range(n_state):
+                a_pad[j, n // BLOCK, n % BLOCK] = A[c0 + j, n] * LOG2E   # exp(x) = 2**(x log2 e)
+
+        for t0 in range(0, length, CHUNK):
+            steps = min(CHUNK, length - t0)
+            # Gather: one pixel per step, its dt/B/C row and this task's channels of u.
+            for t in range(steps):
+                p = table[k, t0 + t]
+                for r in range(R):
+                    dt_in[r, t] = xdbl[b, k, p, r]
+                for n in range(n_state):
+                    b_chunk[t, n // BLOCK, n % BLOCK] = xdbl[b, k, p, R + n]
+                    c_chunk[t, n // BLOCK, n % BLOCK] = xdbl[b, k, p, R + n_state + n]
+                for j in range(n_ch):
+                    u_chunk[j, t] = u[b, p, c0 + j]
+
+            _scan_chunk(h, a_pad, dt_in, w_dt[k, j0:j0 + n_ch], bias[c0:c0 + n_ch], Dv[c0:c0 + n_ch],
+                        u_chunk, b_chunk, c_chunk, steps, dt, du, y_chunk)
+
+            # Scatter: straight back to the pixels (this is `restore`).
+            for t in range(steps):
+                p = table[k, t0 + t]
+                for j in range(n_ch):
+                    y[b, p, c0 + j] = y_chunk[j, t]
+
+
+def directional_scan(u, xdbl, table, w_dt, bias, A, D):
+    """K directional selective scans ('concate' heads), read and written in row-major pixel order.
+
+    u: `(B, L, d)` pixel-major SSM input (after conv and SiLU), head k owns channels
+    `k*C' .. (k+1)*C' - 1`; xdbl: `(B, K, L, R + 2N)` = x_proj of every pixel, per head
+    (dt inputs, then B, then C); table: `(K, L)` gather table of the directions
+    (`scans.direction_indices`); w_dt: `(K, C', R)`; bias, D: `(d,)`; A: `(d, N)`.
+    Returns y `(B, L, d)`: per pixel, the scan outputs (with D u) of the head that owns the channel,
+    i.e. `restore(selective_scan(all_around(...)))` with delta = softplus(dt_proj + bias).
+    """
+    B, L, d = u.shape
+    K = xdbl.shape[1]
+    y = np.empty((B, L, d), dtype=f32)
+    per_task = channels_per_task(B, K, d // K)
+    _directional_scan_kernel(u, xdbl, np.ascontiguousarray(table), np.ascontiguousarray(w_dt, f32),
+                             np.ascontiguousarray(bias, f32), np.ascontiguousarray(A, f32),
+                             np.ascontiguousarray(D, f32), per_task, y)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def _layer_norm_gate_kernel(y, z, weight, bias, eps, has_z):
+    """In place: y[b, l] = LayerNorm(y[b, l]) * silu(z[b, l]) over the last axis (two-pass variance)."""
+    batch, length, d = y.shape
+    rows = batch * length
+    block = 64
+    for task in prange((rows + block - 1) // block):
+        for r in range(task * block, min(rows, (task + 1) * block)):
+            b = r // length
+            l = r % length
+            v = y[b, l]
+            mean = f32(0.0)
+            for c in range(d):
+                mean += v[c]
+            mean /= d
+            var = f32(0.0)
+            for c in range(d):
+                e = v[c] - mean
+                var += e * e
+            rstd = f32(1.0) / np.sqrt(var / d + eps)
+            if has_z:
+                g = z[b, l]
+                for c in range(d):
+                    v[c] = ((v[c] - mean) * rstd * weight[c] + bias[c]) * (g[c] / (f32(1.0) + fexp(-g[c])))
+            else:
+                for c in range(d):
+                    v[c] = (v[c] - mean) * rstd * weight[c] + bias[c]
+
+
+def layer_norm_gate(y, z, weight, bias, eps=1e-5):
+    """`LayerNorm(y) * silu(z)` over the channels of pixel-major `y (B, L, d)`, computed in place.
+
+    z: `(B, L, d)` or None (no gate); weight, bias: `(d,)`. Returns y.
+    """
+    zz = np.zeros((1, 1, 1), f32) if z is None else z
+    _layer_norm_gate_kernel(y, zz, np.ascontiguousarray(weight, f32), np.ascontiguousarray(bias, f32),
+                            f32(eps), z is not None)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+def mhssm_numba(p, x, size, cfg):
+    """The MHSSM (`mhssm.mhssm`, same parameters and result) computed with the kernels above.
+
+    Steps 2-6 of the plain composition run pixel-major `(B, L, d)`: the depthwise conv writes its
+    output transposed, x_proj runs on the row-major map (it commutes with the reordering), one
+    kernel does dt_proj, softplus, the K directional scans and the D skip while reading and writing
+    through the directions' index tables, and LayerNorm * SiLU(z) is one more pass. No
+    `(B, K, C', L)` copy is made. Needs the 2-D conv and heads owning separate channels ('concate'
+    or one direction). x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`.
+    """
+    from .. import scans                 # the package imports this module: import on use
+
+    if not cfg.conv_2d or (cfg.scan_merge_method != "concate" and cfg.scan_count > 1):
+        raise ValueError("the fused MHSSM needs conv_2d and heads owning separate channels "
+                         "('concate' merge or one direction); use mhssm.mhssm for this configuration")
+    B, C, L = x.shape
+    d = cfg.d_inner(C)
+    K, Cp = cfg.heads(C)
+    w_in = p["in_proj.weight"]
+    b_in = p.get("in_proj.bias")
+
+    # 1. in_proj: x channel-first for the conv; the gate z straight to pixel-major (x^T W_z^T)
+    xs = np.matmul(w_in[:d], x)                                           # (B, d, L)
+    if b_in is not None:
+        xs += b_in[:d, None]
+    z = None
+    if not cfg.disable_z_branch:
+        z = np.matmul(x.transpose(0, 2, 1), w_in[d:].T)                 # (B, L, d)
+        if b_in is not None:
+            z += b_in[d:]
+
+    # 2. depthwise conv + SiLU, written pixel-major
+    u = dwconv_silu_pixel_major(xs.reshape(B, d, *size), p["conv.weight"], p.get("conv.bias"))
+    del xs
+
+    # 3-5. x_proj of every pixel, per head; then the fused directional scans
+    heads = u.reshape(B, L, K, Cp).transpose(0, 2, 1, 3)                 # (B, K, L, C') view
+    xdbl = np.matmul(heads, p["x_proj_weight"].transpose(0, 2, 1))      # (B, K, L, R + 2N)
+    table = scans.direction_indices(cfg.scan_type, cfg.scan_count, size)
+    y = directional_scan(u, xdbl, table, p["dt_projs_weight"], p["dt_projs_bias"].reshape(-1),
+                         -np.exp(p["A_logs"]), p["Ds"])                  # (B, L, d)
+    del u, xdbl
+
+    # 6. LayerNorm * SiLU(z) in place, then out_proj back to channel-first (W_out y^T)
+    y = layer_norm_gate(y, z, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5)
+    out = np.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))          # (B, C, L)
+    if "out_proj.bias" in p:
+        out += p["out_proj.bias"][:, None]
+    return out

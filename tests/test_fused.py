@@ -1,0 +1,116 @@
+"""The fused Numba path of the MHSSM (eamamba_ref.ssm.fused) against the plain NumPy composition.
+
+Golden values: the 'numpy' backend (the readable specification: all_around -> projections ->
+reference scan -> restore), which test_mhssm.py checks against float64 and torch. Tolerance
+1e-5 relative to the output's scale: both are float32 and differ in summation order and in the
+vectorised exp (~3e-7 relative).
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eamamba_ref import layers, mhssm as mhssm_module
+from eamamba_ref.config import MambaConfig, ModelConfig
+from eamamba_ref.mhssm import mhssm, mhssm_parameter_shapes
+from eamamba_ref.model import EAMamba, init_params
+from eamamba_ref.ssm import fused
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b)))
+
+
+def random_params(C, cfg, rng):
+    p = {}
+    for name, shape in mhssm_parameter_shapes(C, cfg).items():
+        if name == "A_logs":
+            v = np.log(np.arange(1, shape[1] + 1) * np.exp(0.2 * rng.standard_normal(shape)))
+        elif name == "dt_projs_bias":
+            v = rng.uniform(-5.0, -1.0, shape)
+        elif name.startswith("out_norm"):
+            v = (1.0 if name.endswith("weight") else 0.0) + 0.1 * rng.standard_normal(shape)
+        else:
+            v = rng.standard_normal(shape) / np.sqrt(max(1, np.prod(shape[1:])))
+        p[name] = np.asarray(v, np.float32)
+    return p
+
+
+@settings(max_examples=25, deadline=None)
+@given(scan=st.sampled_from([(None, 1), (None, 4), ("diagonal", 8), ("zigzag", 2), ("hilbert", 4),
+                             ("zorder", 8), ("diagonal", 1)]),
+       C=st.sampled_from([16, 24, 64]), expand=st.sampled_from([1, 2]), d_state=st.sampled_from([1, 10, 16, 20]),
+       disable_z=st.booleans(), proj_bias=st.booleans(), dt_rank=st.sampled_from(["auto", 3]),
+       size=st.sampled_from([(1, 1), (3, 5), (8, 8), (7, 12)]), batch=st.integers(1, 2))
+def test_fused_mhssm_matches_numpy_backend(scan, C, expand, d_state, disable_z, proj_bias, dt_rank, size, batch):
+    scan_type, K = scan
+    cfg = MambaConfig(scan_type=scan_type, scan_count=K, scan_merge_method="concate", d_state=d_state,
+                      d_conv=3, conv_2d=True, expand=expand, disable_z_branch=disable_z, bias=proj_bias, dt_rank=dt_rank)
+    rng = np.random.default_rng(C + d_state)
+    p = random_params(C, cfg, rng)
+    x = rng.standard_normal((batch, C, size[0] * size[1])).astype(np.float32)
+    ref = mhssm(p, x, size, cfg, backend="numpy")
+    got = fused.mhssm_numba(p, x, size, cfg)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert rel_err(got, ref.astype(np.float64)) <= 1e-5
+
+
+def test_numba_backend_dispatches_to_the_fused_path_only_where_it_applies(monkeypatch):
+    calls = []
+    original = fused.mhssm_numba
+    monkeypatch.setattr(fused, "mhssm_numba", lambda *a: calls.append(a) or original(*a))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 12)).astype(np.float32)
+    for merge, conv_2d, backend, expected in [("concate", True, "numba", 1), ("add", True, "numba", 0),
+                                              ("concate", False, "numba", 0), ("concate", True, "numpy", 0)]:
+        cfg = MambaConfig(scan_type="diagonal", scan_count=4, scan_merge_method=merge, conv_2d=conv_2d,
+                          d_conv=3 if conv_2d else 4, expand=1)
+        calls.clear()
+        mhssm(random_params(16, cfg, rng), x, (3, 4), cfg, backend=backend)
+        assert len(calls) == expected, (merge, conv_2d, backend)
+
+
+def test_dwconv_silu_pixel_major_matches_layers():
+    rng = np.random.default_rng(1)
+    for k, (H, W) in [(3, (9, 7)), (5, (4, 11)), (1, (2, 2)), (3, (1, 1))]:
+        x = rng.standard_normal((2, 6, H, W)).astype(np.float32)
+        w = rng.standard_normal((6, 1, k, k)).astype(np.float32)
+        b = rng.standard_normal(6).astype(np.float32)
+        ref = layers.silu(layers.conv2d(x, w, b, padding=(k - 1) // 2, groups=6))
+        got = fused.dwconv_silu_pixel_major(x, w, b)
+        assert got.shape == (2, H * W, 6)
+        np.testing.assert_allclose(got, ref.reshape(2, 6, H * W).transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_gate_matches_layers():
+    rng = np.random.default_rng(2)
+    y = (3.0 + rng.standard_normal((2, 17, 40))).astype(np.float32)
+    z = rng.standard_normal((2, 17, 40)).astype(np.float32)
+    w, b = rng.standard_normal(40).astype(np.float32), rng.standard_normal(40).astype(np.float32)
+    ref = layers.layer_norm(y, w, b, axis=-1) * layers.silu(z)
+    np.testing.assert_allclose(fused.layer_norm_gate(y.copy(), z, w, b), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused.layer_norm_gate(y.copy(), None, w, b), layers.layer_norm(y, w, b, axis=-1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_numba_matches_numpy_backend():
+    args = dict(dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
+                mamba_cfg=dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_state=16,
+                               d_conv=3, expand=1, conv_2d=True))
+    cfg = ModelConfig.from_args("eamamba", args)
+    params = init_params(cfg, seed=3)
+    x = np.random.default_rng(4).random((1, 3, 24, 16), dtype=np.float32)
+    assert mhssm_module._fused(cfg.mamba, "numba")
+    ref = EAMamba(cfg, params, backend="numpy")(x)
+    got = EAMamba(cfg, params, backend="numba")(x)
+    assert rel_err(got, ref.astype(np.float64)) <= 1e-5
+
+
+def test_tracing_runs_the_plain_composition():
+    trace = pytest.importorskip("eamamba_ref.trace")
+    if not hasattr(trace, "recording"):
+        pytest.skip("no trace.recording")
+    cfg = MambaConfig(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_conv=3, conv_2d=True)
+    assert mhssm_module._fused(cfg, "numba")
+    with trace.recording():
+        assert not mhssm_module._fused(cfg, "numba")
