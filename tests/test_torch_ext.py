@@ -5,7 +5,10 @@ implementation of the forward pass, differentiated by torch), torch.autograd.gra
 differences), and a hand-worked denormal case.
 """
 
+import pathlib
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -194,6 +197,25 @@ def test_denormal_states_are_flushed_and_caller_mode_restored():
             assert (out[0, 0, want < 1e-39] == 0).all()
     finally:
         torch.set_flush_denormal(was_flushing)
+
+
+def test_torch_thread_count_is_left_alone():
+    # Numba's 'omp' threading layer shares the OpenMP runtime with torch and, when it starts
+    # (first parallel kernel of a process), sets its thread count; the wrapper must undo that.
+    # A fresh process, so that this call is the one that starts the layer.
+    script = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from eamamba_ref.torch_ext import selective_scan_numba\n"
+        "u = torch.randn(1, 2, 9, requires_grad=True)\n"
+        "selective_scan_numba(u, torch.rand(1, 2, 9), -torch.rand(2, 3), torch.randn(1, 1, 3, 9),\n"
+        "                     torch.randn(1, 1, 3, 9)).sum().backward()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"
 
 
 def test_scan_mode_numba_in_extended_mamba():

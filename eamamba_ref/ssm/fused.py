@@ -22,8 +22,8 @@ together with NumPy's BLAS for in_proj, x_proj and out_proj:
 The recurrence itself is the one of `cpu.py` (SIMD over the state index, vectorisable exp from
 `fastexp`, denormal-safe), so the accuracy statement there holds here: agreement with the float32
 NumPy reference to ~1e-6 of the output scale (tests/test_fused.py checks 1e-5). Per state update
-this kernel is still ~1.6x slower than `cpu.scan_kernel` on contiguous inputs (single thread:
-~2.5 vs ~1.5 ns), the price of its per-step gathers and of dt_proj; the MHSSM as a whole is faster
+this kernel is still ~1.6x slower than `cpu.scan_kernel` on already-reordered inputs (single
+thread, at the shapes of every U-Net level: 2-3 vs ~1.5 ns), the price of its per-step gathers and of dt_proj; the MHSSM as a whole is faster
 because the copies it replaces cost more.
 """
 import numba
