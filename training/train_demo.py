@@ -14,6 +14,12 @@ and a line is appended to `log.csv` (wall minutes, step, PSNR): the curve in the
 
 Denoising: blind gaussian colour noise, sigma ~ U[0, 50] per patch (as the official recipe),
 validated at sigma 25. SR x2: bicubic downscaling (skimage, anti-aliased) of HR patches.
+
+The bundled weights came from these runs; their last checkpoints (raw + EMA weights, optimizer
+state) and validation logs are kept in training/checkpoints/. To continue one:
+
+    mkdir -p training/runs/denoise && cp training/checkpoints/denoise_last.pth training/runs/denoise/last.pth
+    python training/train_demo.py --task denoise ... --out training/runs/denoise --resume --scan numba
 """
 from __future__ import annotations
 
