@@ -114,6 +114,23 @@ def test_eamamba_sized_scan_float32():
         assert rel_err(got[k], want[k]) < 1e-5, k
 
 
+@pytest.mark.parametrize("d, gB, gC", [(20, 1, 1), (36, 1, 2), (24, 2, 3)])
+def test_groups_split_over_several_tasks(d, gB, gC):
+    # More channels per group than one task takes (TASK_CHANNELS), so dL/dB and dL/dC are summed
+    # over several per-task slots, including runs of channels that share B but not C.
+    x = make_inputs(8, b=2, d=d, gB=gB, gC=gC, n=5, l=30)
+    gen = torch.Generator().manual_seed(3)
+    weights = (torch.randn(2, d, 30, generator=gen, dtype=torch.float64),
+               torch.randn(2, d, 5, generator=gen, dtype=torch.float64))
+    want_out, want_last, want = grads_of(tr.selective_scan, x, weights, torch.float64,
+                                         delta_softplus=True, mode="sequential")
+    out, last, got = grads_of(selective_scan_numba, x, weights, torch.float64,
+                              delta_softplus=True, chunk_size=7)
+    assert rel_err(out, want_out) < 1e-12 and rel_err(last, want_last) < 1e-12
+    for k in want:
+        assert rel_err(got[k], want[k]) < 1e-12, k
+
+
 @pytest.mark.parametrize("case", [
     dict(b=1, d=2, gB=1, gC=2, n=2, l=5, chunk=2),
     dict(b=2, d=3, gB=3, gC=1, n=1, l=4, chunk=64),

@@ -54,7 +54,8 @@ from ..ssm.fastexp import FASTMATH_REASSOC, fexp
 from ..ssm.fastexp import silu as silu32
 from ..ssm.fastexp import softplus as softplus32
 
-__all__ = ["TASK_CHANNELS", "DEFAULT_CHUNK", "task_layout", "scan_forward", "scan_backward"]
+__all__ = ["TASK_CHANNELS", "DEFAULT_CHUNK", "task_layout", "slots_per_group", "scan_forward",
+           "scan_backward"]
 
 TASK_CHANNELS = 8  # channels per task: few dL/dB, dL/dC slots to sum, enough tasks to balance
 DEFAULT_CHUNK = 64  # steps between saved states: memory (b, d, l/64, n), buffers stay in L1
@@ -104,6 +105,8 @@ def _leave_ftz(typingctx, old):
 
 
 # --------------------------------------------------- scalar functions, one version per dtype
+# The plain-Python bodies state the maths; inside Numba code the overloads below are used
+# instead: the vectorisable float32 versions of ssm.fastexp, or libm for float64.
 
 def _exp(x):
     return math.exp(x)
