@@ -84,6 +84,8 @@ def save_figure(fig, path, overwrite=False):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1] or ".png", dir=directory)
     os.close(fd)
+    from .images import _default_permissions
+    _default_permissions(tmp)
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)

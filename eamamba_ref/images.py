@@ -60,6 +60,13 @@ def _decode(path):
     return iio.imread(path)
 
 
+def _default_permissions(path):
+    """mkstemp creates 0600 files; give the output the permissions a plain open() would (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def read_image(path):
     """Decode `path` into an `Image`; one-line `ImageError` for anything that is not a usable image."""
     path = os.fspath(path)
@@ -120,6 +127,7 @@ def write_image(path, pixels, bit_depth=8, alpha=None, overwrite=False):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".eamamba-", suffix=ext, dir=directory)
     os.close(fd)
+    _default_permissions(tmp)
     try:
         if ext in (".tif", ".tiff"):
             import tifffile

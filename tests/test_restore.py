@@ -215,3 +215,12 @@ def test_list_tasks(capsys):
     assert restore.main(["--list-tasks"]) == 0
     out = capsys.readouterr().out
     assert "denoise" in out and "realsr4" in out and "bundled" in out
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    path = tmp_path / "p.png"
+    write_image(path, np.zeros((4, 4, 3)), 8)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
