@@ -88,7 +88,12 @@ def test_forward_and_gradients_match_torch_autograd(data, b, d, n, l, seed, with
     assert set(got) == set(want)
     for k in want:
         assert got[k].dtype == torch.float32 and got[k].shape == want[k].shape, k
-        assert rel_err(got[k], want[k]) < 1e-5, k
+        # Gradients that are sums over time (A, D, delta_bias) or over a group's channels (B, C)
+        # can cancel: dA = -0.0025 from O(0.1) terms was seen 1.5e-5 off relative to itself while
+        # every per-step gradient was within 1.5e-7. Their float32 bound is therefore 1e-4 of the
+        # result; the per-element gradients (u, delta, z) keep 1e-5.
+        bound = 1e-5 if k in ("u", "delta", "z") else 1e-4
+        assert rel_err(got[k], want[k]) < bound, k
 
     # float64 computes in float64: agreement to rounding.
     out, last, got = grads_of(selective_scan_numba, x, weights, torch.float64,
