@@ -24,7 +24,7 @@ import numpy as np
 
 from . import layers, scans, ssm
 from .ssm import fused
-from .trace import record
+from .trace import is_recording, record
 
 
 def depthwise_conv(x, weight, bias, size, conv_2d):
@@ -107,14 +107,8 @@ def _fused(cfg, backend):
     ('concate' merge, or one direction) and the 2-D conv. While a trace is being recorded the
     plain composition runs, so that every intermediate stage is there to record."""
     name = ssm.get_default_backend() if backend is None else backend
-    return (name == "numba" and cfg.conv_2d and not _tracing()
+    return (name == "numba" and cfg.conv_2d and not is_recording()
             and (cfg.scan_merge_method == "concate" or cfg.scan_count == 1))
-
-
-def _tracing():
-    from . import trace
-    recorder = getattr(trace, "_recorder", None)
-    return recorder is not None and recorder.get() is not None
 
 
 def mhssm_parameter_shapes(d_model, cfg):

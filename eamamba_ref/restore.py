@@ -254,9 +254,7 @@ def restore_files(task, model, paths, args):
     finally:
         if bar is not None:
             bar.close()
-    out, alpha = from_model_output(y, first, 1 if task.pre_upsample else task.scale)
-    if task.pre_upsample and alpha is not None:
-        alpha = np.repeat(np.repeat(alpha, task.scale, 0), task.scale, 1)
+    out, alpha = from_model_output(y, first, task.scale)      # alpha follows the output's size
     write_image(out_path, out, first.bit_depth, alpha, overwrite=args.overwrite)
     print(f"{' + '.join(paths)} -> {out_path}")
 

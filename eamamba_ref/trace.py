@@ -28,6 +28,11 @@ class Recorder:
         self.values[full] = np.array(value, dtype=np.float32, copy=True)
 
 
+def is_recording():
+    """True inside `recording()`."""
+    return _recorder.get() is not None
+
+
 def record(name, value):
     """Store `value` under the current scope + `name` if a recording is active. Returns `value`."""
     rec = _recorder.get()
