@@ -45,7 +45,7 @@ TASKS = {
     "denoise": ("eamamba", dict(inp_channels=3, out_channels=3, dim=16, num_blocks=[1, 1, 1, 1],
                                 num_refinement_blocks=1, ffn_expansion_factor=2, bias=False,
                                 layernorm_type="WithBias", channel_mixer_type="Simple", mamba_cfg=MAMBA)),
-    "sr2": ("eamambasr", dict(inp_channels=3, out_channels=3, dim=24, num_blocks=[2, 2], upscale=2,
+    "sr2": ("eamambasr", dict(inp_channels=3, out_channels=3, dim=32, num_blocks=[2, 2], upscale=2,
                               ffn_expansion_factor=2, bias=False, layernorm_type="WithBias",
                               channel_mixer_type="Simple", mamba_cfg=dict(MAMBA, d_state=8, expand=1))),
 }
@@ -81,6 +81,43 @@ def degrade(task, hr, rng):
         return (hr + rng.standard_normal(hr.shape) * sigma).astype(np.float32), hr
     lr = np.stack([rescale(p, 0.5, channel_axis=0, anti_aliasing=True, order=3) for p in hr])
     return lr.astype(np.float32), hr
+
+
+def bilinear_start(model, scale=2):
+    """Initialise an x2 EAMambaSR so that, before any training, it IS bilinear upsampling.
+
+    Why: EAMambaSR has no bicubic skip, so from a random start it spends its first thousands of
+    steps learning to copy and enlarge the image - most of a CPU training budget. Here image
+    channel c rides through the network unchanged in feature channel c: conv_first and
+    conv_before_upsample pass it on (centre tap 1; images are >= 0, so the LeakyReLU is the
+    identity on them), the body's contribution to it starts at zero (its rows of conv_after_body),
+    the upsampling conv gives each of the four sub-pixels its bilinear 3x3 kernel, and conv_last
+    reads it back. Every other weight keeps its random start, so the body learns a residual on top
+    of bilinear from step one. The architecture is untouched: this is only a starting point.
+    """
+    if scale != 2:
+        raise ValueError("bilinear_start is written for x2 (one conv + PixelShuffle(2))")
+    c = model.conv_first.weight.shape[1]
+    # 1-D bilinear taps (offsets -1, 0, +1) of the two x2 sub-pixels, align_corners=False.
+    taps = torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.75, 0.25]])
+    with torch.no_grad():
+        conv_up = model.upsample[0]
+        for k in range(c):
+            for conv in (model.conv_first, model.conv_before_upsample[0]):
+                conv.weight[k] = 0
+                conv.weight[k, k, 1, 1] = 1
+                if conv.bias is not None:
+                    conv.bias[k] = 0
+            model.conv_after_body.weight[k] = 0
+            for i in range(2):
+                for j in range(2):
+                    row = 4 * k + 2 * i + j                  # PixelShuffle(2): channel k, sub-pixel (i, j)
+                    conv_up.weight[row] = 0
+                    conv_up.weight[row, k] = torch.outer(taps[i], taps[j])
+                    conv_up.bias[row] = 0
+        model.conv_last.weight.zero_()
+        for k in range(c):
+            model.conv_last.weight[k, k, 1, 1] = 1
 
 
 def psnr(a, b):
@@ -124,6 +161,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scan", default="auto", help="torch_ref scan mode: auto | numba | chunked")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--random-start", action="store_true",
+                    help="sr2: start from random weights instead of bilinear_start")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -140,6 +179,8 @@ def main():
     name, model_args = TASKS[args.task]
     torch.manual_seed(0)
     model = build_from_args(name, model_args)
+    if args.task == "sr2" and not args.random_start:
+        bilinear_start(model)
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, betas=(0.9, 0.999))
     ckpt_path = os.path.join(args.out, "last.pth")
