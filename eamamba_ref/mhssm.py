@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layers, scans, ssm
+from . import ops, scans, ssm
 from .ssm import fused
 from .trace import is_recording, record
 
@@ -33,20 +33,16 @@ def depthwise_conv(x, weight, bias, size, conv_2d):
     conv_2d: a k x k conv over the map with 'same' zero padding (k odd).
     else:    the causal 1-D conv of Mamba over the row-major sequence: the official Conv1d pads
              k-1 zeros on both sides and keeps the first L outputs, so output t sees x[t-k+1 .. t].
+             Written here as a 1 x k conv of the (B, d, 1, L) "image" with the same padding.
     """
     B, d, L = x.shape
-    if conv_2d:
-        k = weight.shape[-1]
-        h, w = size
-        y = layers.conv2d(x.reshape(B, d, h, w), weight, bias, padding=(k - 1) // 2, groups=d)
-        return y.reshape(B, d, L)
     k = weight.shape[-1]
-    taps = weight.reshape(d, k)
-    padded = np.concatenate([np.zeros((B, d, k - 1), np.float32), x], axis=2)
-    y = np.zeros_like(x) if bias is None else np.broadcast_to(bias[:, None], (B, d, L)).copy()
-    for j in range(k):                                # k is 3 or 4: a few shifted, scaled adds
-        y += taps[:, j, None] * padded[:, :, j:j + L]
-    return y
+    if conv_2d:
+        h, w = size
+        y = ops.conv2d(x.reshape(B, d, h, w), weight, bias, padding=(k - 1) // 2, groups=d)
+        return y.reshape(B, d, L)
+    y = ops.conv2d(x.reshape(B, d, 1, L), weight.reshape(d, 1, 1, k), bias, padding=(0, k - 1), groups=d)
+    return ops.contiguous(y[:, :, :, :L]).reshape(B, d, L)
 
 
 def mhssm(p, x, size, cfg, backend=None):
@@ -55,7 +51,7 @@ def mhssm(p, x, size, cfg, backend=None):
     x: `(B, C, L)` layer-normed features of an (H, W) map, channel-first, L = H*W.
     cfg: `config.MambaConfig`. Returns `(B, C, L)`.
     """
-    if _fused(cfg, backend):
+    if _fused(x, cfg, backend):
         return fused.mhssm_numba(p, x, size, cfg)
     B, C, L = x.shape
     d = cfg.d_inner(C)
@@ -65,49 +61,49 @@ def mhssm(p, x, size, cfg, backend=None):
     kind = (cfg.scan_type, cfg.scan_count, cfg.scan_merge_method)
 
     # 1. input projection and the gate branch: (B, C, L) -> x (B, d, L), z (B, d, L)
-    xz = np.matmul(p["in_proj.weight"], x)
+    xz = ops.matmul(p["in_proj.weight"], x)
     if "in_proj.bias" in p:
-        xz += p["in_proj.bias"][:, None]
+        xz = xz + p["in_proj.bias"][:, None]
     record("in_proj", xz)
     xs, z = (xz, None) if cfg.disable_z_branch else (xz[:, :d], xz[:, d:])
 
     # 2. local mixing: depthwise conv then SiLU
-    xs = record("act", layers.silu(depthwise_conv(xs, p["conv.weight"], p.get("conv.bias"), size, cfg.conv_2d)))
+    xs = record("act", ops.silu(depthwise_conv(xs, p["conv.weight"], p.get("conv.bias"), size, cfg.conv_2d)))
 
     # 3. all-around transform: K directional sequences (B, K, C', L)
-    xs = record("all_around", scans.all_around(xs, size, *kind))
+    xs = record("all_around", ops.all_around(xs, size, *kind))
 
     # 4. input-dependent SSM parameters, per direction (the "selective" part)
-    x_dbl = record("x_proj", np.matmul(p["x_proj_weight"], xs))     # (B, K, R + 2N, L)
-    dts = record("dt_proj", np.matmul(p["dt_projs_weight"], x_dbl[:, :, :R]))   # (B, K, C', L)
-    Bs = np.ascontiguousarray(x_dbl[:, :, R:R + N])                  # (B, K, N, L): group k = head k
-    Cs = np.ascontiguousarray(x_dbl[:, :, R + N:])                   # (B, K, N, L)
-    A = -np.exp(p["A_logs"])                                         # (K*C', N)
+    x_dbl = record("x_proj", ops.matmul(p["x_proj_weight"], xs))     # (B, K, R + 2N, L)
+    dts = record("dt_proj", ops.matmul(p["dt_projs_weight"], x_dbl[:, :, :R]))   # (B, K, C', L)
+    Bs = ops.contiguous(x_dbl[:, :, R:R + N])                  # (B, K, N, L): group k = head k
+    Cs = ops.contiguous(x_dbl[:, :, R + N:])                   # (B, K, N, L)
+    A = -ops.exp(p["A_logs"])                                         # (K*C', N)
 
     # 5. one selective scan over all K*C' channels; channel j belongs to head j // C'
-    y = ssm.selective_scan(xs.reshape(B, K * Cp, L), dts.reshape(B, K * Cp, L), A, Bs, Cs,
+    y = ops.selective_scan(xs.reshape(B, K * Cp, L), dts.reshape(B, K * Cp, L), A, Bs, Cs,
                        D=p["Ds"], delta_bias=p["dt_projs_bias"].reshape(-1),
                        delta_softplus=True, backend=backend)         # (B, K*C', L)
 
     # 6. back to row-major order, merge directions, normalise, gate, project out
     record("selective_scan", y)
-    y = record("restore", scans.restore(y.reshape(B, K, Cp, L), size, *kind))   # (B, d, L)
-    y = record("out_norm", layers.layer_norm(y, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5, axis=1))
+    y = record("restore", ops.restore(y.reshape(B, K, Cp, L), size, *kind))   # (B, d, L)
+    y = record("out_norm", ops.layer_norm(y, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5, axis=1))
     if z is not None:
-        y = record("gate", y * layers.silu(z))
-    out = np.matmul(p["out_proj.weight"], y)                         # (B, C, L)
+        y = record("gate", y * ops.silu(z))
+    out = ops.matmul(p["out_proj.weight"], y)                         # (B, C, L)
     if "out_proj.bias" in p:
-        out += p["out_proj.bias"][:, None]
+        out = out + p["out_proj.bias"][:, None]
     return record("out_proj", out)
 
 
-def _fused(cfg, backend):
+def _fused(x, cfg, backend):
     """The one place where the backend changes the MHSSM: 'numba' runs the fused kernels of
     `ssm.fused` (same function, no directional copies), which need heads owning separate channels
     ('concate' merge, or one direction) and the 2-D conv. While a trace is being recorded the
     plain composition runs, so that every intermediate stage is there to record."""
     name = ssm.get_default_backend() if backend is None else backend
-    return (name == "numba" and cfg.conv_2d and not is_recording()
+    return (name == "numba" and isinstance(x, np.ndarray) and cfg.conv_2d and not is_recording()
             and (cfg.scan_merge_method == "concate" or cfg.scan_count == 1))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layers
+from . import ops, ssm
 from .config import ModelConfig
 from .mhssm import mhssm, mhssm_parameter_shapes
 from .trace import record, scope
@@ -33,12 +33,12 @@ def conv(p, name, x, padding=None, groups=1):
     """Conv2d `name` of `p` on `(B, C, H, W)`; 'same' padding unless given; bias if the dict has one."""
     w = p[name + ".weight"]
     pad = (w.shape[-1] - 1) // 2 if padding is None else padding
-    return layers.conv2d(x, w, p.get(name + ".bias"), padding=pad, groups=groups)
+    return ops.conv2d(x, w, p.get(name + ".bias"), padding=pad, groups=groups)
 
 
 def norm(p, name, x):
     """The blocks' LayerNorm over channels; WithBias if the dict holds `name.body.bias`, else BiasFree."""
-    return layers.layer_norm_channels(x, p[name + ".body.weight"], p.get(name + ".body.bias"))
+    return ops.layer_norm_channels(x, p[name + ".body.weight"], p.get(name + ".body.bias"))
 
 
 # ------------------------------------------------------------------------- channel mixers
@@ -52,13 +52,13 @@ def channel_mixer(p, x, kind):
         h = conv(p, "project_in", x)
         h = conv(p, "dwconv", h, groups=h.shape[1])
         half = h.shape[1] // 2
-        return conv(p, "project_out", layers.gelu(h[:, :half]) * h[:, half:])
+        return conv(p, "project_out", ops.gelu(h[:, :half]) * h[:, half:])
     if kind == "ffn":
-        return conv(p, "project_out", layers.gelu(conv(p, "project_in", x)))
+        return conv(p, "project_out", ops.gelu(conv(p, "project_in", x)))
     if kind == "cca":                     # 1x1, depthwise 3x3, channel attention, 1x1
         h = conv(p, "conv2", conv(p, "conv1", x), groups=x.shape[1])
-        a = layers.relu(conv(p, "ca.1", layers.adaptive_avg_pool_1(h)))
-        h = h * layers.sigmoid(conv(p, "ca.3", a))
+        a = ops.relu(conv(p, "ca.1", ops.adaptive_avg_pool_1(h)))
+        h = h * ops.sigmoid(conv(p, "ca.3", a))
         return conv(p, "conv3", h)
     raise ValueError(f"unknown channel mixer {kind!r}")
 
@@ -94,10 +94,10 @@ def eamamba(params, cfg, x, backend=None):
     P = params
 
     def down(name, v):                  # Downsample: 3x3 conv to C/2, PixelUnshuffle(2)
-        return record(name, layers.pixel_unshuffle(conv(P, f"{name}.body.0", v), 2))
+        return record(name, ops.pixel_unshuffle(conv(P, f"{name}.body.0", v), 2))
 
     def up(name, v):                    # Upsample: 3x3 conv to 2C, PixelShuffle(2)
-        return record(name, layers.pixel_shuffle(conv(P, f"{name}.body.0", v), 2))
+        return record(name, ops.pixel_shuffle(conv(P, f"{name}.body.0", v), 2))
 
     enc1_in = record("patch_embed", conv(P, "patch_embed.proj", x))
     enc1 = blocks(P, "encoder_level1", n1, enc1_in, cfg, backend)
@@ -105,13 +105,13 @@ def eamamba(params, cfg, x, backend=None):
     enc3 = blocks(P, "encoder_level3", n3, down("down2_3", enc2), cfg, backend)
     latent = blocks(P, "latent", n4, down("down3_4", enc3), cfg, backend)
 
-    dec3 = np.concatenate([up("up4_3", latent), enc3], axis=1)
+    dec3 = ops.concatenate([up("up4_3", latent), enc3], axis=1)
     dec3 = blocks(P, "decoder_level3", n3, record("reduce_chan_level3", conv(P, "reduce_chan_level3", dec3)),
                   cfg, backend)
-    dec2 = np.concatenate([up("up3_2", dec3), enc2], axis=1)
+    dec2 = ops.concatenate([up("up3_2", dec3), enc2], axis=1)
     dec2 = blocks(P, "decoder_level2", n2, record("reduce_chan_level2", conv(P, "reduce_chan_level2", dec2)),
                   cfg, backend)
-    dec1 = np.concatenate([up("up2_1", dec2), enc1], axis=1)
+    dec1 = ops.concatenate([up("up2_1", dec2), enc1], axis=1)
     dec1 = blocks(P, "decoder_level1", n1, dec1, cfg, backend)       # stays at 2c: no reduction
     dec1 = blocks(P, "refinement", cfg.num_refinement_blocks, dec1, cfg, backend)
 
@@ -124,7 +124,7 @@ def upscale(params, prefix, x, scale):
     """Official `Upscale`: (conv 3x3 to 4C + PixelShuffle(2)) per factor 2, or conv to 9C + shuffle(3)."""
     steps = [2] * (scale.bit_length() - 1) if scale & (scale - 1) == 0 else [3]
     for i, r in enumerate(steps):
-        x = layers.pixel_shuffle(conv(params, f"{prefix}.{2 * i}", x), r)
+        x = ops.pixel_shuffle(conv(params, f"{prefix}.{2 * i}", x), r)
     return x
 
 
@@ -138,7 +138,7 @@ def eamamba_sr(params, cfg, x, backend=None):
         features = blocks(P, f"layers.{i}.blocks", count, features, cfg, backend)
         features = record(f"layers.{i}", conv(P, f"layers.{i}.conv", features) + group_in)
     x = record("conv_after_body", conv(P, "conv_after_body", record("norm", norm(P, "norm", features)))) + x
-    x = record("conv_before_upsample", layers.leaky_relu(conv(P, "conv_before_upsample.0", x), 0.01))
+    x = record("conv_before_upsample", ops.leaky_relu(conv(P, "conv_before_upsample.0", x), 0.01))
     x = record("upsample", upscale(P, "upsample", x, cfg.upscale))
     return record("conv_last", conv(P, "conv_last", x))
 
@@ -258,14 +258,17 @@ def init_params(cfg: ModelConfig, seed=0):
 class EAMamba:
     """A ready model: config + parameters; `model(x)` runs the forward pass.
 
-    x: float32 `(B, C, H, W)`; returns `(B, out_channels, H', W')`. `backend` picks the selective
-    scan kernel ('numpy', 'numba', 'cuda'; None = the process default).
+    x: float32 `(B, C, H, W)` NumPy array; returns `(B, out_channels, H', W')` as NumPy. `backend`
+    picks the selective-scan kernel ('numpy', 'numba'; None = the process default) or, with
+    'cuda', runs the whole network on the GPU: the parameters are uploaded once, the input once,
+    and every layer reads and writes device memory (`eamamba_ref.gpu`) until the result comes back.
     """
 
     def __init__(self, config: ModelConfig, params: dict, backend=None):
         self.config = config.validate()
         self.params = params
         self.backend = backend
+        self._device_params = None
 
     def __call__(self, x):
         x = np.asarray(x)
@@ -276,6 +279,11 @@ class EAMamba:
             raise ValueError(f"this model takes {cfg.inp_channels} input channels, got {x.shape[1]}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         forward = eamamba if cfg.name == "eamamba" else eamamba_sr
+        if self.backend == "cuda" or (self.backend is None and ssm.get_default_backend() == "cuda"):
+            from .gpu import DeviceTensor
+            if self._device_params is None:
+                self._device_params = {k: DeviceTensor.from_host(v) for k, v in self.params.items()}
+            return forward(self._device_params, cfg, DeviceTensor.from_host(x), "cuda").to_host()
         return forward(self.params, cfg, x, self.backend)
 
     @property

@@ -189,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--tile", type=int, help="run on overlapping tiles of this size (bounds memory)")
     ap.add_argument("--tile-overlap", type=int, default=32, help="overlap of tiles in pixels (default 32)")
     ap.add_argument("--ensemble", action="store_true", help="average over the 4 flips (official self-ensemble)")
-    ap.add_argument("--backend", choices=["numpy", "numba", "cuda"], help="selective-scan kernel (default: fastest)")
+    ap.add_argument("--backend", choices=["numpy", "numba", "cuda"], help="cuda: the whole model on the GPU; numba / numpy: CPU kernels (default: fastest available)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--list-tasks", action="store_true", help="list the tasks and their weights, then exit")
     # cluster mode (eamamba_ref.distributed): on for folders/globs, --scheduler, --workers or --chunk

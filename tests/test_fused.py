@@ -100,7 +100,7 @@ def test_whole_model_numba_matches_numpy_backend():
     cfg = ModelConfig.from_args("eamamba", args)
     params = init_params(cfg, seed=3)
     x = np.random.default_rng(4).random((1, 3, 24, 16), dtype=np.float32)
-    assert mhssm_module._fused(cfg.mamba, "numba")
+    assert mhssm_module._fused(x, cfg.mamba, "numba")
     ref = EAMamba(cfg, params, backend="numpy")(x)
     got = EAMamba(cfg, params, backend="numba")(x)
     assert rel_err(got, ref.astype(np.float64)) <= 1e-5
@@ -111,6 +111,7 @@ def test_tracing_runs_the_plain_composition():
     if not hasattr(trace, "recording"):
         pytest.skip("no trace.recording")
     cfg = MambaConfig(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_conv=3, conv_2d=True)
-    assert mhssm_module._fused(cfg, "numba")
+    x = np.zeros((1, 16, 4), np.float32)
+    assert mhssm_module._fused(x, cfg, "numba")
     with trace.recording():
-        assert not mhssm_module._fused(cfg, "numba")
+        assert not mhssm_module._fused(x, cfg, "numba")
