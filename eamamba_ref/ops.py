@@ -23,32 +23,38 @@ def _gpu(x):
     raise TypeError(f"expected a NumPy array or a DeviceTensor, got {type(x).__name__}")
 
 
-def _dispatch(name, cpu_function):
+def _dispatch(name, cpu_module, cpu_name=None):
+    """A function `name` that runs `cpu_module.cpu_name` on NumPy input and `gpu.tensor.name` on a
+    DeviceTensor. The CPU function is looked up at each call, not bound here, so that wrapping it
+    (benchmarks/bench_model.py's per-stage timers do) takes effect."""
+    cpu_name = cpu_name or name
+
     def function(x, *args, **kwargs):
         gpu = _gpu(x)
-        return cpu_function(x, *args, **kwargs) if gpu is None else getattr(gpu, name)(x, *args, **kwargs)
+        implementation = getattr(cpu_module, cpu_name) if gpu is None else getattr(gpu, name)
+        return implementation(x, *args, **kwargs)
     function.__name__ = name
-    function.__doc__ = f"`{cpu_function.__module__}.{cpu_function.__name__}` on either device."
+    function.__doc__ = f"`{cpu_module.__name__}.{cpu_name}` on either device."
     return function
 
 
 # Same signature on both devices; the first argument picks the device.
-conv2d = _dispatch("conv2d", layers.conv2d)
-layer_norm = _dispatch("layer_norm", layers.layer_norm)
-layer_norm_channels = _dispatch("layer_norm_channels", layers.layer_norm_channels)
-pixel_shuffle = _dispatch("pixel_shuffle", layers.pixel_shuffle)
-pixel_unshuffle = _dispatch("pixel_unshuffle", layers.pixel_unshuffle)
-silu = _dispatch("silu", layers.silu)
-gelu = _dispatch("gelu", layers.gelu)
-sigmoid = _dispatch("sigmoid", layers.sigmoid)
-relu = _dispatch("relu", layers.relu)
-leaky_relu = _dispatch("leaky_relu", layers.leaky_relu)
-adaptive_avg_pool_1 = _dispatch("adaptive_avg_pool_1", layers.adaptive_avg_pool_1)
-exp = _dispatch("exp", np.exp)
-contiguous = _dispatch("contiguous", np.ascontiguousarray)
-all_around = _dispatch("all_around", scans.all_around)
-restore = _dispatch("restore", scans.restore)
-selective_scan = _dispatch("selective_scan", ssm.selective_scan)
+conv2d = _dispatch("conv2d", layers)
+layer_norm = _dispatch("layer_norm", layers)
+layer_norm_channels = _dispatch("layer_norm_channels", layers)
+pixel_shuffle = _dispatch("pixel_shuffle", layers)
+pixel_unshuffle = _dispatch("pixel_unshuffle", layers)
+silu = _dispatch("silu", layers)
+gelu = _dispatch("gelu", layers)
+sigmoid = _dispatch("sigmoid", layers)
+relu = _dispatch("relu", layers)
+leaky_relu = _dispatch("leaky_relu", layers)
+adaptive_avg_pool_1 = _dispatch("adaptive_avg_pool_1", layers)
+exp = _dispatch("exp", np)
+contiguous = _dispatch("contiguous", np, "ascontiguousarray")
+all_around = _dispatch("all_around", scans)
+restore = _dispatch("restore", scans)
+selective_scan = _dispatch("selective_scan", ssm)
 
 
 def matmul(a, b):
