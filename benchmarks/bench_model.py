@@ -203,7 +203,7 @@ def floor_seconds(prof, gemm_gflops, exp_ns):
 def stage_profile(cfg, params, size):
     """Seconds per stage of one eamamba_ref forward (after a warm-up), by wrapping the functions
     the model calls with timers; a stage's time excludes the stages nested in it."""
-    from eamamba_ref import layers, mhssm, model, scans, ssm
+    from eamamba_ref import cpu_kernels, layers, mhssm, model, scans, ssm
     from eamamba_ref.ssm import fused
     totals = {}
     stack = []
@@ -243,6 +243,7 @@ def stage_profile(cfg, params, size):
         timed(fused, "directional_scan", const("selective scans (fused gather/scatter, dt_proj)")),
         timed(fused, "dwconv_silu_pixel_major", const("depthwise convs")),
         timed(layers, "layer_norm_channels", const("norms")),
+        timed(cpu_kernels, "layer_norm_channels", const("norms")),
         timed(layers, "layer_norm", const("norms")),
         timed(fused, "layer_norm_gate", const("norms")),
         timed(layers, "silu", const("activations")),

@@ -36,9 +36,9 @@ def conv(p, name, x, padding=None, groups=1):
     return ops.conv2d(x, w, p.get(name + ".bias"), padding=pad, groups=groups)
 
 
-def norm(p, name, x):
+def norm(p, name, x, backend=None):
     """The blocks' LayerNorm over channels; WithBias if the dict holds `name.body.bias`, else BiasFree."""
-    return ops.layer_norm_channels(x, p[name + ".body.weight"], p.get(name + ".body.bias"))
+    return ops.layer_norm_channels(x, p[name + ".body.weight"], p.get(name + ".body.bias"), backend=backend)
 
 
 # ------------------------------------------------------------------------- channel mixers
@@ -67,11 +67,11 @@ def channel_mixer(p, x, kind):
 def block(p, x, cfg, backend=None):
     """MambaFormerBlock: x + MHSSM(LN(x)), then + FFN(LN(x)). x: `(B, C, H, W)`."""
     B, C, H, W = x.shape
-    tokens = record("norm1", norm(p, "norm1", x)).reshape(B, C, H * W)
+    tokens = record("norm1", norm(p, "norm1", x, backend)).reshape(B, C, H * W)
     with scope("mamba"):
         mixed = mhssm(sub(p, "mamba"), tokens, (H, W), cfg.mamba, backend)
     x = x + record("mamba", mixed).reshape(B, C, H, W)                   # mamba: (B, C, L)
-    ffn = channel_mixer(sub(p, "ffn"), record("norm2", norm(p, "norm2", x)), cfg.channel_mixer_type)
+    ffn = channel_mixer(sub(p, "ffn"), record("norm2", norm(p, "norm2", x, backend)), cfg.channel_mixer_type)
     return record("", x + record("ffn", ffn))                             # the block's output
 
 
@@ -137,7 +137,7 @@ def eamamba_sr(params, cfg, x, backend=None):
         group_in = features
         features = blocks(P, f"layers.{i}.blocks", count, features, cfg, backend)
         features = record(f"layers.{i}", conv(P, f"layers.{i}.conv", features) + group_in)
-    x = record("conv_after_body", conv(P, "conv_after_body", record("norm", norm(P, "norm", features)))) + x
+    x = record("conv_after_body", conv(P, "conv_after_body", record("norm", norm(P, "norm", features, backend)))) + x
     x = record("conv_before_upsample", ops.leaky_relu(conv(P, "conv_before_upsample.0", x), 0.01))
     x = record("upsample", upscale(P, "upsample", x, cfg.upscale))
     return record("conv_last", conv(P, "conv_last", x))

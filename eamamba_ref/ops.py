@@ -41,7 +41,6 @@ def _dispatch(name, cpu_module, cpu_name=None):
 # Same signature on both devices; the first argument picks the device.
 conv2d = _dispatch("conv2d", layers)
 layer_norm = _dispatch("layer_norm", layers)
-layer_norm_channels = _dispatch("layer_norm_channels", layers)
 pixel_shuffle = _dispatch("pixel_shuffle", layers)
 pixel_unshuffle = _dispatch("pixel_unshuffle", layers)
 silu = _dispatch("silu", layers)
@@ -55,6 +54,18 @@ contiguous = _dispatch("contiguous", np, "ascontiguousarray")
 all_around = _dispatch("all_around", scans)
 restore = _dispatch("restore", scans)
 selective_scan = _dispatch("selective_scan", ssm)
+
+
+def layer_norm_channels(x, weight, bias=None, eps=1e-5, backend=None):
+    """`layers.layer_norm_channels` on either device; with the 'numba' backend (the default) the
+    CPU runs the parallel kernel of `cpu_kernels` instead of NumPy."""
+    gpu = _gpu(x)
+    if gpu is not None:
+        return gpu.layer_norm_channels(x, weight, bias, eps)
+    if (ssm.get_default_backend() if backend is None else backend) == "numba":
+        from . import cpu_kernels
+        return cpu_kernels.layer_norm_channels(x, weight, bias, eps)
+    return layers.layer_norm_channels(x, weight, bias, eps)
 
 
 def matmul(a, b):

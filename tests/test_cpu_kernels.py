@@ -1,0 +1,41 @@
+"""The 'numba' backend's parallel layers against their NumPy specification in `layers`, and against
+float64 (an independent reference: the same formula evaluated exactly enough)."""
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eamamba_ref import cpu_kernels, layers
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), C=st.integers(1, 40), H=st.integers(1, 19), W=st.integers(1, 37),
+       with_bias=st.booleans(), offset=st.floats(-3, 3), seed=st.integers(0, 2**16))
+def test_layer_norm_channels_matches_numpy_and_float64(B, C, H, W, with_bias, offset, seed):
+    # H*W up to 703 pixels: strips of 256 with a ragged last one; C = 1 normalises to 0 (WithBias).
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((B, C, H, W)) + offset).astype(np.float32)
+    w = rng.standard_normal(C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32) if with_bias else None
+    got = cpu_kernels.layer_norm_channels(x, w, b)
+    ref = layers.layer_norm_channels(x, w, b)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=1, keepdims=True)
+    rstd = 1 / np.sqrt(((x64 - mean) ** 2).mean(axis=1, keepdims=True) + 1e-5)
+    exact = ((x64 - mean) * rstd * w[:, None, None] + b[:, None, None]) if with_bias \
+        else x64 * rstd * w[:, None, None]
+    scale = np.abs(exact).max() + 1e-6
+    assert got.shape == x.shape and got.dtype == np.float32
+    assert np.abs(got - exact).max() / scale < 1e-5
+    assert np.abs(got - ref).max() / scale < 1e-5
+
+
+def test_model_uses_it_only_with_the_numba_backend(monkeypatch):
+    from eamamba_ref import ops
+
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "layer_norm_channels", lambda *a: calls.append(1) or layers.layer_norm_channels(*a))
+    x = np.ones((1, 2, 2, 2), np.float32)
+    ops.layer_norm_channels(x, np.ones(2, np.float32), backend="numpy")
+    assert calls == []
+    ops.layer_norm_channels(x, np.ones(2, np.float32), backend="numba")
+    assert calls == [1]
