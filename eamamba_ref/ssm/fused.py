@@ -65,6 +65,15 @@ def _bias_silu(row, bias):
         row[j] = silu(row[j] + bias)
 
 
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _transpose_into(dst, src):
+    """dst[j, c] = src[c, j]: one conv output row (channels, W) written pixel-major (W, channels)."""
+    for j in range(dst.shape[0]):
+        row = dst[j]
+        for c in range(row.size):
+            row[c] = src[c, j]
+
+
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _dwconv_silu_kernel(x, w, bias, out):
     """out[b, i*W + j, c] = silu(bias[c] + sum_{di, dj} w[c, di, dj] x[b, c, i+di-p, j+dj-p]).
@@ -89,11 +98,7 @@ def _dwconv_silu_kernel(x, w, bias, out):
                     for dj in range(k):
                         _axpy(acc[2 * pad - dj:2 * pad - dj + W], w[c, di, dj], x[b, c, src_i])
             _bias_silu(acc[pad:pad + W], bias[c])
-        base = i * W
-        for j in range(W):
-            dst = out[b, base + j]
-            for c in range(d):
-                dst[c] = tile[c, j + pad]
+        _transpose_into(out[b, i * W:(i + 1) * W], tile[:, pad:pad + W])
 
 
 def dwconv_silu_pixel_major(x, weight, bias):
@@ -253,6 +258,27 @@ def directional_scan(u, xdbl, table, w_dt, bias, A, D):
 
 
 # ------------------------------------------------------------------------------------------------
+@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def _layer_norm_gate_row(v, g, weight, bias, eps, has_z):
+    """v = LayerNorm(v) * silu(g) (or without the gate) over one pixel's channels, in place."""
+    d = v.size
+    mean = f32(0.0)
+    for c in range(d):
+        mean += v[c]
+    mean /= d
+    var = f32(0.0)
+    for c in range(d):
+        e = v[c] - mean
+        var += e * e
+    rstd = f32(1.0) / np.sqrt(var / d + eps)
+    if has_z:
+        for c in range(d):
+            v[c] = ((v[c] - mean) * rstd * weight[c] + bias[c]) * (g[c] / (f32(1.0) + fexp(-g[c])))
+    else:
+        for c in range(d):
+            v[c] = (v[c] - mean) * rstd * weight[c] + bias[c]
+
+
 @njit(parallel=True, fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
 def _layer_norm_gate_kernel(y, z, weight, bias, eps, has_z):
     """In place: y[b, l] = LayerNorm(y[b, l]) * silu(z[b, l]) over the last axis (two-pass variance)."""
@@ -263,23 +289,7 @@ def _layer_norm_gate_kernel(y, z, weight, bias, eps, has_z):
         for r in range(task * block, min(rows, (task + 1) * block)):
             b = r // length
             l = r % length
-            v = y[b, l]
-            mean = f32(0.0)
-            for c in range(d):
-                mean += v[c]
-            mean /= d
-            var = f32(0.0)
-            for c in range(d):
-                e = v[c] - mean
-                var += e * e
-            rstd = f32(1.0) / np.sqrt(var / d + eps)
-            if has_z:
-                g = z[b, l]
-                for c in range(d):
-                    v[c] = ((v[c] - mean) * rstd * weight[c] + bias[c]) * (g[c] / (f32(1.0) + fexp(-g[c])))
-            else:
-                for c in range(d):
-                    v[c] = (v[c] - mean) * rstd * weight[c] + bias[c]
+            _layer_norm_gate_row(y[b, l], z[b, l] if has_z else z[0, 0], weight, bias, eps, has_z)
 
 
 def layer_norm_gate(y, z, weight, bias, eps=1e-5):
