@@ -63,7 +63,10 @@ def list_images(folder):
 
 def evaluate(task, model, paths, sigma=25.0, seed=0, baselines=("tv", "wavelet", "nlm"), tile=None,
              progress=True):
-    """Rows of {'image', 'method', 'psnr', 'ssim', 'seconds'} for every image and method."""
+    """Rows of {'image', 'method', 'psnr', 'ssim', 'seconds'} for every image and method.
+
+    model None: the baselines only (they do not depend on the weights, so a table can be made while
+    a model is still training, and merged with a `--baselines none` run of the model later)."""
     from tqdm import tqdm
 
     rows = []
@@ -83,10 +86,11 @@ def evaluate(task, model, paths, sigma=25.0, seed=0, baselines=("tv", "wavelet",
             gt = gt[:h, :w]
             degraded = rescale(gt, 1 / scale, channel_axis=2, anti_aliasing=True, order=3).astype(np.float32)
             kw = dict(y_only=True, border=scale)
-        t = time.time()
         x = np.ascontiguousarray(degraded.transpose(2, 0, 1)[None])
-        y = restore_array(model, to_model_input([Image(degraded, None, 8)], task), tile)
-        outputs["EAMamba"] = (y[0].transpose(1, 2, 0), time.time() - t)
+        if model is not None:
+            t = time.time()
+            y = restore_array(model, to_model_input([Image(degraded, None, 8)], task), tile)
+            outputs["EAMamba"] = (y[0].transpose(1, 2, 0), time.time() - t)
         if task.name == "denoise":
             outputs["noisy input"] = (degraded, 0.0)
             for name in baselines:             # timed one by one; all see the same noisy input
@@ -125,10 +129,12 @@ def main(argv=None):
     ap.add_argument("--tile", type=int, help="restore in tiles of this size (bounds memory)")
     ap.add_argument("--csv", help="write per-image results here")
     ap.add_argument("--backend", choices=["numpy", "numba", "cuda"])
+    ap.add_argument("--no-model", action="store_true",
+                    help="only the baselines (and the noisy input / bicubic rows): no weights needed")
     args = ap.parse_args(argv)
     task = TASKS[args.task]
     try:
-        model = load_task_model(task, args.weights, args.backend or default_backend())
+        model = None if args.no_model else load_task_model(task, args.weights, args.backend or default_backend())
         paths = list_images(args.data)[: args.limit]
         which = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(","))
         unknown = set(which) - {"tv", "wavelet", "nlm", "bm3d"}

@@ -73,3 +73,10 @@ def test_evaluate_command_writes_a_row_per_image_and_method(tmp_path, capsys):
     assert len(rows) == 2 * len(methods)
     assert "EAMamba" in capsys.readouterr().out
     assert evaluate.main(["--data", str(tmp_path / "empty"), "--weights", str(weights)]) == 2
+    # baselines only: the same rows without the model's, and the same values (same seeded noise)
+    out2 = tmp_path / "b.csv"
+    assert evaluate.main(["--data", str(data), "--no-model", "--csv", str(out2)]) == 0
+    base = list(csv.DictReader(open(out2)))
+    assert {r["method"] for r in base} == methods - {"EAMamba"}
+    before = {(r["image"], r["method"]): r["psnr"] for r in rows}
+    assert all(before[(r["image"], r["method"])] == r["psnr"] for r in base)
