@@ -80,3 +80,27 @@ def test_evaluate_command_writes_a_row_per_image_and_method(tmp_path, capsys):
     assert {r["method"] for r in base} == methods - {"EAMamba"}
     before = {(r["image"], r["method"]): r["psnr"] for r in rows}
     assert all(before[(r["image"], r["method"])] == r["psnr"] for r in base)
+
+
+def test_eval_table_merges_baseline_and_model_csvs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_table", Path(__file__).resolve().parents[1] / "scripts" / "eval_table.py")
+    et = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(et)
+
+    def write(name, rows):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image", "method", "psnr", "ssim", "seconds"])
+            w.writeheader()
+            w.writerows(dict(image=i, method=m, psnr=p, ssim=0.5, seconds=0) for i, m, p in rows)
+
+    write("Kodak_sigma25_baselines.csv", [("a", "TV", 30), ("b", "TV", 31), ("a", "NL-means", 29), ("b", "NL-means", 29)])
+    write("Kodak_sigma25_model.csv", [("a", "EAMamba", 32), ("b", "EAMamba", 33)])
+    text, ok = et.table(et.read_rows(str(tmp_path)), denoise=True)
+    assert ok
+    assert "| Kodak (2) | 25 | – | 30.50 / 0.500 | – | 29.00 / 0.500 | **32.50 / 0.500** |" in text
+    write("Kodak_sigma50_baselines.csv", [("a", "TV", 30)])           # no model row: flagged
+    assert et.table(et.read_rows(str(tmp_path)), denoise=True)[1] is False
