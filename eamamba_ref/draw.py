@@ -87,7 +87,7 @@ def save_figure(fig, path, overwrite=False):
     from .images import _default_permissions
     _default_permissions(tmp)
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", pad_inches=0.08)   # never clip a title
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
