@@ -19,8 +19,9 @@ SR_COLUMNS = ["bicubic", "EAMamba"]
 
 
 def read_rows(folder):
-    """{(set, sigma or None): {method: [(psnr, ssim), ...]}} from the folder's CSVs."""
-    groups = defaultdict(lambda: defaultdict(list))
+    """{(set, sigma or None): {method: [(psnr, ssim), ...]}} from the folder's CSVs. A row seen in two
+    files (the noisy input is in both runs; same seeded noise) counts once."""
+    groups = defaultdict(lambda: defaultdict(dict))
     for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
         name = os.path.basename(path)
         m = re.match(r"(.+?)_sigma(\d+)", name)
@@ -31,8 +32,9 @@ def read_rows(folder):
         else:
             continue
         for row in csv.DictReader(open(path)):
-            groups[key][row["method"]].append((float(row["psnr"]), float(row["ssim"])))
-    return groups
+            groups[key][row["method"]][row["image"]] = (float(row["psnr"]), float(row["ssim"]))
+    return {key: {m: list(per_image.values()) for m, per_image in methods.items()}
+            for key, methods in groups.items()}
 
 
 def table(groups, denoise):

@@ -98,7 +98,7 @@ def test_eval_table_merges_baseline_and_model_csvs(tmp_path):
             w.writerows(dict(image=i, method=m, psnr=p, ssim=0.5, seconds=0) for i, m, p in rows)
 
     write("Kodak_sigma25_baselines.csv", [("a", "TV", 30), ("b", "TV", 31), ("a", "NL-means", 29), ("b", "NL-means", 29)])
-    write("Kodak_sigma25_model.csv", [("a", "EAMamba", 32), ("b", "EAMamba", 33)])
+    write("Kodak_sigma25_model.csv", [("a", "EAMamba", 32), ("b", "EAMamba", 33), ("a", "TV", 30), ("b", "TV", 31)])
     text, ok = et.table(et.read_rows(str(tmp_path)), denoise=True)
     assert ok
     assert "| Kodak (2) | 25 | – | 30.50 / 0.500 | – | 29.00 / 0.500 | **32.50 / 0.500** |" in text

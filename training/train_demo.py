@@ -1,8 +1,9 @@
 """Train the bundled demo models on this project's CPU: the recipe behind eamamba_ref/weights/.
 
     python training/train_demo.py --task denoise --data ../shared/data/train/CBSD432 \
-        --val ../shared/data/Kodak24 --minutes 60 --out training/runs/denoise
-    python training/train_demo.py --task sr2 ... --out training/runs/sr2
+        --val ../shared/data/Kodak24 --minutes 60 --out training/runs/denoise --total-steps 5800
+    python training/train_demo.py --task sr2 --data ../shared/data/train/CBSD432 \
+        --val ../shared/data/Set14 --patch 96 --lr 5e-4 --minutes 40 --out training/runs/sr2 --total-steps 7000
 
 The models are the paper's architecture (MHSSM with the 8-direction all-around diagonal scan,
 'concate' merge) scaled down so that training fits a 2-core CPU. Training uses the PyTorch
@@ -13,13 +14,15 @@ run and `python -m eamamba_ref.convert` turns the result into the bundled `.npz`
 and a line is appended to `log.csv` (wall minutes, step, PSNR): the curve in the model card.
 
 Denoising: blind gaussian colour noise, sigma ~ U[0, 50] per patch (as the official recipe),
-validated at sigma 25. SR x2: bicubic downscaling (skimage, anti-aliased) of HR patches.
+validated at sigma 25. SR x2: bicubic downscaling (skimage, anti-aliased) of HR patches; the model
+starts as bilinear upsampling (`bilinear_start`, below) unless --random-start.
 
 The bundled weights came from these runs; their last checkpoints (raw + EMA weights, optimizer
-state) and validation logs are kept in training/checkpoints/. To continue one:
+state) and validation logs are kept in training/checkpoints/ (docs/model_card.md has the history).
+To continue one (give numba the same thread count as torch: `NUMBA_NUM_THREADS`):
 
     mkdir -p training/runs/denoise && cp training/checkpoints/denoise_last.pth training/runs/denoise/last.pth
-    python training/train_demo.py --task denoise ... --out training/runs/denoise --resume --scan numba
+    NUMBA_NUM_THREADS=2 python training/train_demo.py --task denoise ... --out training/runs/denoise --resume --threads 2
 """
 from __future__ import annotations
 
