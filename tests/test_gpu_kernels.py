@@ -131,5 +131,5 @@ def test_ops_looks_up_cpu_functions_at_call_time(monkeypatch):
     monkeypatch.setattr(layers, "conv2d", lambda *a, **k: calls.append(1) or original(*a, **k))
     ops.conv2d(np.ones((1, 2, 3, 3), np.float32), np.ones((1, 2, 1, 1), np.float32))
     assert calls == [1]
-    with __import__("pytest").raises(TypeError, match="NumPy array or a DeviceTensor"):
+    with pytest.raises(TypeError, match="NumPy array or a DeviceTensor"):
         ops.conv2d([[1.0]], np.ones((1, 1, 1, 1), np.float32))

@@ -27,8 +27,15 @@ def launch(n):
     return max(1, min(MAX_BLOCKS, (n + THREADS - 1) // THREADS)), THREADS
 
 
+@cuda.jit(device=True)
+def unravel4(i, shape):
+    """The index (i0, i1, i2, i3) of flat position i in a C-ordered array of `shape` (4 ints)."""
+    n1, n2, n3 = shape[1], shape[2], shape[3]
+    return i // (n3 * n2 * n1), (i // (n3 * n2)) % n1, (i // n3) % n2, i % n3
+
+
 # ----------------------------------------------------------------------- element-wise
-SILU, GELU, SIGMOID, RELU, LEAKY_RELU, NEG_EXP, EXP = range(7)
+SILU, GELU, SIGMOID, RELU, LEAKY_RELU, NEG, EXP = range(7)
 ADD, MUL = range(2)
 _INV_SQRT2 = 0.7071067811865476
 
@@ -48,8 +55,8 @@ def unary(x, out, op, alpha):
             r = max(v, float32(0.0))
         elif op == LEAKY_RELU:
             r = v if v > 0 else v * alpha
-        elif op == NEG_EXP:
-            r = -math.exp(v)
+        elif op == NEG:
+            r = -v
         else:
             r = math.exp(v)
         out[i] = r
@@ -58,12 +65,8 @@ def unary(x, out, op, alpha):
 @cuda.jit
 def binary(a, b, out, op):
     """out = a (op) b on rank-4 arrays; a size-1 axis of a or b is broadcast (NumPy rules)."""
-    n0, n1, n2, n3 = out.shape
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        i3 = i % n3
-        i2 = (i // n3) % n2
-        i1 = (i // (n3 * n2)) % n1
-        i0 = i // (n3 * n2 * n1)
+        i0, i1, i2, i3 = unravel4(i, out.shape)
         va = a[i0 % a.shape[0], i1 % a.shape[1], i2 % a.shape[2], i3 % a.shape[3]]
         vb = b[i0 % b.shape[0], i1 % b.shape[1], i2 % b.shape[2], i3 % b.shape[3]]
         out[i0, i1, i2, i3] = va + vb if op == ADD else va * vb
@@ -167,14 +170,10 @@ def im2col(x, cols, kh, kw, ph, pw, w_out):
 @cuda.jit
 def depthwise(x, w, out, ph, pw):
     """out[b, c] = x[b, c] (cross-correlated with) w[c], zero padding (ph, pw); w (C, kh, kw)."""
-    B, C, H, W = x.shape
-    h_out, w_out = out.shape[2], out.shape[3]
+    H, W = x.shape[2], x.shape[3]
     kh, kw = w.shape[1], w.shape[2]
     for t in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        v = t % w_out
-        y = (t // w_out) % h_out
-        c = (t // (w_out * h_out)) % C
-        b = t // (w_out * h_out * C)
+        b, c, y, v = unravel4(t, out.shape)
         acc = float32(0.0)
         for i in range(kh):
             yy = y + i - ph
@@ -226,24 +225,16 @@ def mean_last(x, out):
 @cuda.jit
 def pixel_shuffle(x, out, r):
     """out[b, c, h r + i, w r + j] = x[b, c r r + i r + j, h, w]."""
-    B, C, H, W = out.shape
     for t in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        xx = t % W
-        yy = (t // W) % H
-        c = (t // (W * H)) % C
-        b = t // (W * H * C)
+        b, c, yy, xx = unravel4(t, out.shape)
         out[b, c, yy, xx] = x[b, (c * r + yy % r) * r + xx % r, yy // r, xx // r]
 
 
 @cuda.jit
 def pixel_unshuffle(x, out, r):
     """The inverse: out[b, c r r + i r + j, h, w] = x[b, c, h r + i, w r + j]."""
-    B, C, H, W = out.shape
     for t in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        w = t % W
-        h = (t // W) % H
-        k = (t // (W * H)) % C
-        b = t // (W * H * C)
+        b, k, h, w = unravel4(t, out.shape)
         j = k % r
         i = (k // r) % r
         out[b, k, h, w] = x[b, k // (r * r), h * r + i, w * r + j]
@@ -252,12 +243,9 @@ def pixel_unshuffle(x, out, r):
 @cuda.jit
 def all_around(x, table, out, concate):
     """out[b, k, c, t] = x[b, channel, table[k, t]], channel = k C' + c ('concate') or c ('add')."""
-    B, K, Cp, L = out.shape
+    Cp = out.shape[2]
     for s in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        t = s % L
-        c = (s // L) % Cp
-        k = (s // (L * Cp)) % K
-        b = s // (L * Cp * K)
+        b, k, c, t = unravel4(s, out.shape)
         out[b, k, c, t] = x[b, k * Cp + c if concate else c, table[k, t]]
 
 

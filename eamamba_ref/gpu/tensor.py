@@ -105,14 +105,10 @@ class DeviceTensor:
     __rmul__ = __mul__
 
     def __neg__(self):
-        return self * _scalar(-1.0)
+        return _unary(self, K.NEG)
 
     def __repr__(self):
         return f"DeviceTensor(shape={self.shape})"
-
-
-def _scalar(v):
-    return DeviceTensor.from_host(np.full((1,), v, np.float32))
 
 
 def _binary(a, b, op):
