@@ -102,8 +102,7 @@ def _fused(x, cfg, backend):
     `ssm.fused` (same function, no directional copies), which need heads owning separate channels
     ('concate' merge, or one direction) and the 2-D conv. While a trace is being recorded the
     plain composition runs, so that every intermediate stage is there to record."""
-    name = ssm.get_default_backend() if backend is None else backend
-    return (name == "numba" and isinstance(x, np.ndarray) and cfg.conv_2d and not is_recording()
+    return (ssm.resolve_backend(backend) == "numba" and isinstance(x, np.ndarray) and cfg.conv_2d and not is_recording()
             and (cfg.scan_merge_method == "concate" or cfg.scan_count == 1))
 
 

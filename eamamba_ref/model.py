@@ -279,7 +279,7 @@ class EAMamba:
             raise ValueError(f"this model takes {cfg.inp_channels} input channels, got {x.shape[1]}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         forward = eamamba if cfg.name == "eamamba" else eamamba_sr
-        if self.backend == "cuda" or (self.backend is None and ssm.get_default_backend() == "cuda"):
+        if ssm.resolve_backend(self.backend) == "cuda":
             from .gpu import DeviceTensor
             if self._device_params is None:
                 self._device_params = {k: DeviceTensor.from_host(v) for k, v in self.params.items()}

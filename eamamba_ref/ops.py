@@ -62,7 +62,7 @@ def layer_norm_channels(x, weight, bias=None, eps=1e-5, backend=None):
     gpu = _gpu(x)
     if gpu is not None:
         return gpu.layer_norm_channels(x, weight, bias, eps)
-    if (ssm.get_default_backend() if backend is None else backend) == "numba":
+    if ssm.resolve_backend(backend) == "numba":
         from . import cpu_kernels
         return cpu_kernels.layer_norm_channels(x, weight, bias, eps)
     return layers.layer_norm_channels(x, weight, bias, eps)

@@ -36,6 +36,7 @@ __all__ = [
     "selective_scan",
     "set_default_backend",
     "get_default_backend",
+    "resolve_backend",
     "available_backends",
 ]
 
@@ -76,6 +77,11 @@ def get_default_backend():
     if env:
         return _check_name(env.strip().lower(), "from the environment variable EAMAMBA_BACKEND")
     return _BUILTIN_DEFAULT
+
+
+def resolve_backend(name):
+    """The backend a call with `backend=name` uses: the default for None, else the (checked) name."""
+    return get_default_backend() if name is None else _check_name(name, "backend=")
 
 
 def set_default_backend(name):
@@ -176,7 +182,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     backend: 'numpy', 'numba', 'cuda' or None (the default backend, see get_default_backend).
     Returns y (batch, D, L) float32, or (y, last_state (batch, D, N)) if return_last_state.
     """
-    name = get_default_backend() if backend is None else _check_name(backend, "backend=")
+    name = resolve_backend(backend)
     u, delta, A, B, C, D, z, delta_bias = _validate(u, delta, A, B, C, D, z, delta_bias,
                                                     keep_device=(name == "cuda"))
     batch, n_channels, length = u.shape
