@@ -6,16 +6,16 @@ its task, and time is walked once, in chunks of CHUNK steps.
 
 Vectorisation: the N state updates of one time step are independent, so the SIMD lanes run over
 the state index n. N is padded to a multiple of BLOCK = 16 and the innermost loop is a
-``for k in range(BLOCK)`` over one block, with every array indexed as [..., block, k]. Both
-details matter to LLVM: a compile-time trip count of at least 16 is what its loop vectoriser
+``for k in range(BLOCK)`` over one block (``_recurrence_block``), whose operands are contiguous
+1-D / 2-D slices indexed [k] or [t, k]. These details matter to LLVM: a compile-time trip count of at least 16 is what its loop vectoriser
 accepts (shorter loops that need run-time alias checks are left scalar), and indices that are
 plain loop counters let it prove them non-negative, removing NumPy-style wraparound code that
 otherwise hides the access pattern. With the exp of ``fastexp`` inlined, one block is a handful
 of 8-wide AVX2 instructions per state update. The padding lanes have A = B = C = 0, so their
 state stays 0 and adds nothing to y.
 
-Memory: per chunk, each task copies B and C into [time, state] order (so that one step's B_t is
-contiguous) in buffers of CHUNK x N_pad floats that stay in L1 and serve every channel of the
+Memory: per chunk, each task copies B and C into [block, time, k] order (so that one step's B_t
+is contiguous within a block) in buffers of CHUNK x N_pad floats that stay in L1 and serve every channel of the
 task. Nothing of size L * N is stored.
 
 Denormals: decay factors are kept at or above 2**-63 and states below 2**-63 are flushed to zero
@@ -60,6 +60,45 @@ def task_layout(batch, n_channels, groups_b, groups_c, threads):
     return run, per_task, -(-run // per_task)
 
 
+@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def _recurrence_block(h, a, b, c, steps, dt, du, y):
+    """One block of BLOCK states of one channel over `steps` steps, y[t] += C_t . h_t.
+
+    h, a: (BLOCK,) state (updated) and A log2(e); b, c: (CHUNK, BLOCK) the block's B and C;
+    dt, du: (CHUNK,) delta and delta * u; y: (steps,) accumulated.
+    Every operand is a contiguous 1-D or 2-D array here: with 3-D [channel, block, k] indexing
+    in the same loop LLVM kept its constants in memory and recomputed strides every step
+    (measured 1.4 vs 0.8 ns per state update).
+    """
+    for t in range(steps):
+        dt_t = dt[t]
+        du_t = du[t]
+        acc = f32(0.0)
+        for k in range(BLOCK):
+            decay = decay_exp2(dt_t * a[k])
+            h_new = decay * h[k] + du_t * b[t, k]
+            h_new = f32(0.0) if abs(h_new) < TINY else h_new       # no denormals (see above)
+            h[k] = h_new
+            acc += c[t, k] * h_new
+        y[t] += acc
+
+
+@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def recurrence(h, a, b_chunk, c_chunk, steps, dt, du, y):
+    """The recurrence of one channel over one chunk: h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,
+    y[t] = C_t . h_t (the D skip is the caller's).
+
+    h, a: (n_blocks, BLOCK) the channel's state (updated) and A log2(e), zero-padded;
+    b_chunk, c_chunk: (n_blocks, CHUNK, BLOCK) the chunk's B and C, block-major so that each
+    block's rows are contiguous; dt, du: (CHUNK,); y: (steps,) written.
+    Sequential in t, vectorised over the state index (the k loop of `_recurrence_block`).
+    """
+    for t in range(steps):
+        y[t] = f32(0.0)
+    for nb in range(h.shape[0]):
+        _recurrence_block(h[nb], a[nb], b_chunk[nb], c_chunk[nb], steps, dt, du, y)
+
+
 @njit(parallel=True, fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
 def scan_kernel(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, run, per_task,
                 tasks_per_run, y, last_state):
@@ -94,8 +133,8 @@ def scan_kernel(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, run, pe
         # Task-private buffers, [channel or time, block, k]; zeros in the padding lanes.
         a_pad = np.zeros((n_ch, n_blocks, BLOCK), dtype=f32)
         h = np.zeros((n_ch, n_blocks, BLOCK), dtype=f32)
-        b_chunk = np.zeros((CHUNK, n_blocks, BLOCK), dtype=f32)
-        c_chunk = np.zeros((CHUNK, n_blocks, BLOCK), dtype=f32)
+        b_chunk = np.zeros((n_blocks, CHUNK, BLOCK), dtype=f32)
+        c_chunk = np.zeros((n_blocks, CHUNK, BLOCK), dtype=f32)
         dt = np.empty(CHUNK, dtype=f32)
         du = np.empty(CHUNK, dtype=f32)
         for j in range(n_ch):
@@ -107,8 +146,8 @@ def scan_kernel(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, run, pe
             for n in range(n_state):
                 nb, k = n // BLOCK, n % BLOCK
                 for t in range(steps):
-                    b_chunk[t, nb, k] = b_src[n, (t0 + t) * time_step_b]
-                    c_chunk[t, nb, k] = c_src[n, (t0 + t) * time_step_c]
+                    b_chunk[nb, t, k] = b_src[n, (t0 + t) * time_step_b]
+                    c_chunk[nb, t, k] = c_src[n, (t0 + t) * time_step_c]
 
             for j in range(n_ch):
                 d = d0 + j
@@ -123,19 +162,9 @@ def scan_kernel(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, run, pe
                 for t in range(steps):
                     du[t] = dt[t] * u_row[t]
 
-                # The recurrence: sequential in t, vectorised over the state index.
+                recurrence(h[j], a_pad[j], b_chunk, c_chunk, steps, dt, du, y_row)
                 for t in range(steps):
-                    dt_t = dt[t]
-                    du_t = du[t]
-                    y_t = f32(0.0)
-                    for nb in range(n_blocks):
-                        for k in range(BLOCK):
-                            decay = decay_exp2(dt_t * a_pad[j, nb, k])
-                            h_new = decay * h[j, nb, k] + du_t * b_chunk[t, nb, k]
-                            h_new = f32(0.0) if abs(h_new) < TINY else h_new
-                            h[j, nb, k] = h_new
-                            y_t += c_chunk[t, nb, k] * h_new
-                    y_row[t] = y_t + Dv[d] * u_row[t]
+                    y_row[t] += Dv[d] * u_row[t]
 
                 if has_z:
                     z_row = z[b, d, t0:t0 + steps]

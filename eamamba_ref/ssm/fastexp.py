@@ -2,7 +2,7 @@
 
 Numba on x86 has no SVML here, so ``math.exp`` inside a loop is a scalar libm call (~1.9 ns per
 element on 2 threads) and the loop around it cannot be vectorised. The functions below use only
-+, *, floor, min/max, comparisons and an int->float bit cast, all of which LLVM turns into SIMD
++, *, min/max, comparisons and int<->float bit casts, all of which LLVM turns into SIMD
 instructions once they are inlined into a loop.
 
 They are deliberately *not* inlined by Numba (``inline="always"`` would) but left to LLVM's
@@ -14,8 +14,9 @@ constant and lose the extra precision they exist for.
 fexp(x) = 2**k * exp(r) with k = round(x / ln 2) and r = x - k ln 2 in [-ln2/2, ln2/2]; ln 2 is
 split in two (Cody-Waite) so that r is exact to float32 rounding, and exp(r) is the degree-7
 polynomial of the Cephes ``expf``. Measured maximum relative error against float64 exp: 2.8e-7
-(about 2 ulp). 2**k is built directly from its bit pattern ((k + 127) << 23). The scan's decay
-factors use the cheaper base-2 variant ``decay_exp2`` instead.
+(about 2 ulp). k and 2**k come from one addition of a magic constant (``_round_and_pow2``): no
+round or float->int conversion instructions. The scan's decay factors use the cheaper base-2
+variant ``decay_exp2`` instead.
 """
 
 import numpy as np
@@ -42,6 +43,7 @@ EXP_MIN_ARG = f32(-87.33)  # below this exp(x) would be denormal: return 0 inste
 # recurrence never produces a denormal (on x86 each denormal result or operand costs ~100 cycles).
 TINY = f32(2.0**-63)
 DECAY_MIN_LOG2 = f32(-63.0)
+ROUND_MAGIC = f32(12582912.0)  # 1.5 * 2**23, see _round_and_pow2
 
 
 @intrinsic
@@ -59,6 +61,34 @@ def _int32_bits_as_float32(typingctx, x):
     return types.float32(x), codegen
 
 
+@intrinsic
+def _float32_bits_as_int32(typingctx, x):
+    """Reinterpret the 32 bits of a float32 as an int32 (the inverse of the above)."""
+    if not isinstance(x, types.Float) or x.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(x), codegen
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _round_and_pow2(x):
+    """(k, 2**k) for k = x rounded to the nearest integer, |x| <= 127.
+
+    Adding ROUND_MAGIC = 1.5 * 2**23 rounds x to an integer (the float32 spacing there is 1) and
+    leaves k in the low mantissa bits of the sum, so 2**k is that bit pattern shifted into the
+    exponent field (the magic's own bits shift out) plus the bias 127 << 23. Two additions and
+    two integer operations instead of round + convert: the decay factor of every state update
+    goes through here. The flags exclude 'reassoc', so LLVM cannot fold (x + M) - M to x.
+    """
+    shifted = x + ROUND_MAGIC
+    k = shifted - ROUND_MAGIC
+    pow2 = _int32_bits_as_float32((_float32_bits_as_int32(shifted) << np.int32(23)) + np.int32(0x3F800000))
+    return k, pow2
+
+
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def decay_exp2(y):
     """2**y for float32 y, clamped to [2**-63, 2**127]: the decay factor exp(delta A) of the scan.
@@ -71,7 +101,7 @@ def decay_exp2(y):
     resolution, and it keeps products with states out of the denormal range (see TINY).
     """
     yc = min(max(y, DECAY_MIN_LOG2), f32(127.0))
-    k = np.floor(yc + f32(0.5))
+    k, pow2 = _round_and_pow2(yc)
     r = yc - k
     p = f32(1.535336188319500e-4)
     p = p * r + f32(1.339887440266574e-3)
@@ -80,14 +110,14 @@ def decay_exp2(y):
     p = p * r + f32(2.402264791363012e-1)
     p = p * r + f32(6.931472028550421e-1)
     p = p * r + f32(1.0)
-    return p * _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    return p * pow2
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def fexp(x):
     """exp(x) for float32 x; 0 where the result would be denormal, saturating at exp(88)."""
     xc = min(max(x, EXP_MIN_ARG), EXP_MAX_ARG)  # keeps k in the range of a float32 exponent
-    k = np.floor(xc * LOG2E + f32(0.5))
+    k, pow2 = _round_and_pow2(xc * LOG2E)
     r = xc - k * LN2_HI
     r = r - k * LN2_LO
     p = f32(1.9875691500e-4)
@@ -97,7 +127,7 @@ def fexp(x):
     p = p * r + f32(1.6666665459e-1)
     p = p * r + f32(5.0000001201e-1)
     p = p * r * r + r + f32(1.0)
-    e = p * _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    e = p * pow2
     return f32(0.0) if x < EXP_MIN_ARG else e
 
 
