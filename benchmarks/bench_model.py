@@ -5,11 +5,14 @@ Run:  python benchmarks/bench_model.py                      (64, 128, 256, 512; 
       python benchmarks/bench_model.py --checkpoint model.npz
 
 For every size, each implementation runs in a child process of its own (so that its peak resident
-memory is its own): one warm-up forward, then `--repeats` timed ones; printed are the median wall
-time, the peak RSS of the child during the timed forwards (sampled every 5 ms) and its growth
-over the RSS before them (model built, warm-up done), and the time ratio torch / eamamba_ref. Both use the same weights (random,
-`model.init_params` with a fixed seed, or the checkpoint) and the same number of threads; torch
-runs the reference's vectorised chunked scan with denormals flushed.
+memory is its own): one warm-up forward, then `--repeats` timed ones, *interleaved* between the
+implementations (ours, torch, ours, torch, ...: the children wait for their turn), so that a
+machine whose speed drifts over minutes (shared hosts do) slows both alike. Printed are the
+median wall time, the peak RSS of the child during the timed forwards (sampled every 5 ms) and its
+growth over the RSS before them (model built, warm-up done), and the time ratio torch /
+eamamba_ref. Both use the same weights (random, `model.init_params` with a fixed seed, or the
+checkpoint) and the same number of threads; torch runs the reference's vectorised chunked scan
+with denormals flushed.
 
 Also printed: this machine's FLOP floor for the model (a large float32 GEMM and the model's typical
 1x1-conv GEMM through NumPy's BLAS, and NumPy's float32 exp, measured here and now) with the
@@ -101,14 +104,18 @@ def child(impl, size, repeats, threads, checkpoint, seed):
     base = rss_mib()
     sampler = RssSampler()                              # peak RSS during the timed forwards only
     times = []
+    print("ready", flush=True)
     with sampler:
-        for _ in range(repeats):
+        for line in sys.stdin:                          # the parent says when it is our turn
+            if line.strip() != "go":
+                break
             start = time.perf_counter()
             out = forward()
             times.append(time.perf_counter() - start)
+            print(f"{times[-1]:.6f}", flush=True)
     np.save(os.environ["BENCH_OUT"], out)
     print(json.dumps({"median": float(np.median(times)), "min": float(np.min(times)),
-                      "peak_mib": sampler.peak, "growth_mib": sampler.peak - base}))
+                      "peak_mib": sampler.peak, "growth_mib": sampler.peak - base}), flush=True)
 
 
 class RssSampler:
@@ -139,19 +146,88 @@ class RssSampler:
         self.peak = max(self.peak, rss_mib())
 
 
-def run_child(impl, size, args, out_path):
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
-               OPENBLAS_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               BENCH_OUT=out_path, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def child_env(args, out_path):
+    # OPENBLAS_THREAD_TIMEOUT: what `import eamamba_ref` sets for its own process (see its
+    # __init__); the children import NumPy first, so it is passed here. Torch's GEMMs are not
+    # OpenBLAS's, so the setting does not touch the reference.
+    return dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
+                OPENBLAS_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                OPENBLAS_THREAD_TIMEOUT=os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4"),
+                BENCH_OUT=out_path, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def child_cmd(impl, size, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--sizes", str(size),
            "--repeats", str(args.repeats), "--threads", str(args.threads), "--seed", str(args.seed)]
-    if args.checkpoint:
-        cmd += ["--checkpoint", args.checkpoint]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    return cmd + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
+
+
+def run_child(impl, size, args, out_path):
+    """One child that runs to completion (the machine rates, the profile); its last line as JSON."""
+    proc = subprocess.run(child_cmd(impl, size, args), env=child_env(args, out_path),
+                          capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         return {"error": tail[0][:120]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_interleaved(impls, size, args, tmp):
+    """Time the implementations `impls` at one size, their forwards taking turns; {impl: result}.
+
+    Each child builds its model and warms up, says "ready", then runs one timed forward per "go"
+    line it reads and finally reports median / peak memory as JSON. A child that fails (or runs
+    past --timeout) gives {"error": ...} and the others go on without it.
+    """
+    import threading
+    workers = {}
+    for impl in impls:
+        err = open(os.path.join(tmp, f"{impl}{size}.err"), "w+")
+        proc = subprocess.Popen(child_cmd(impl, size, args), env=child_env(args, os.path.join(tmp, f"{impl}{size}.npy")),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        workers[impl] = (proc, err)
+    watchdog = threading.Timer(args.timeout, lambda: [p.kill() for p, _ in workers.values()])
+    watchdog.start()
+    results = {}
+
+    def fail(impl):
+        proc, err = workers.pop(impl)
+        proc.kill()
+        proc.wait()
+        err.seek(0)
+        tail = err.read().strip().splitlines()[-1:] or ["killed (timeout?)"]
+        results[impl] = {"error": tail[0][:120]}
+
+    def expect(impl, want=None):
+        line = workers[impl][0].stdout.readline().strip()
+        if not line or (want and line != want):
+            fail(impl)
+            return None
+        return line
+
+    try:
+        for impl in list(workers):
+            expect(impl, "ready")
+        for _ in range(args.repeats):
+            for impl in list(workers):
+                workers[impl][0].stdin.write("go\n")
+                workers[impl][0].stdin.flush()
+                expect(impl)
+        for impl in list(workers):
+            proc, err = workers[impl]
+            proc.stdin.write("stop\n")
+            proc.stdin.close()
+            line = expect(impl)
+            if line is not None:
+                results[impl] = json.loads(line)
+                proc.wait()
+                err.close()
+    finally:
+        watchdog.cancel()
+        for proc, err in workers.values():
+            proc.kill()
+            err.close()
+    return results
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,7 +384,8 @@ def main(argv=None):
     print(f"EAMamba {prof_mod.describe(cfg)}; {sum(v.size for v in params.values()):,} parameters")
     print(f"eamamba_ref backend '{get_default_backend()}', {args.threads} threads; "
           f"{'PyTorch reference (chunked scan)' if have_torch else 'no torch'}; median of {args.repeats} "
-          f"after a warm-up")
+          f"after a warm-up, the implementations' forwards taking turns")
+    print(f"OPENBLAS_THREAD_TIMEOUT={child_env(args, '')['OPENBLAS_THREAD_TIMEOUT']} in the children")
     print(load_average())
     rates = run_child("rates", 0, args, os.devnull)          # in a child: with the benchmark's threads
     big, conv_rate, exp_ns = rates["gemm"], rates["conv"], rates["exp_ns"]
@@ -323,28 +400,32 @@ def main(argv=None):
         for size in args.sizes:
             prof = prof_mod.profile(cfg, size, size)
             floor, _, _ = floor_seconds(prof, conv_rate, exp_ns)
-            ours_out = os.path.join(tmp, f"ours{size}.npy")
-            ours = run_child("eamamba_ref", size, args, ours_out)
+            impls = ["eamamba_ref"]
+            run_torch = have_torch and size <= args.torch_max_size
+            impls += ["torch"] if run_torch else []
+            impls += ["unfused"] if args.unfused else []
+            res = run_interleaved(impls, size, args, tmp)
+            ours = res["eamamba_ref"]
             row = f"{size:>4d}x{size:<4d} {prof.flops / 1e9:7.1f} {floor:8.2f} | "
             if "error" in ours:
                 row += f"{'failed: ' + ours['error']:>37s} | "
             else:
                 row += (f"{ours['median']:13.2f} {100 * floor / ours['median']:6.0f}% "
                         f"{ours['peak_mib']:8.0f} {ours['growth_mib']:6.0f} | ")
-            if have_torch and size <= args.torch_max_size:
-                torch_out = os.path.join(tmp, f"torch{size}.npy")
-                ref = run_child("torch", size, args, torch_out)
+            if run_torch:
+                ref = res["torch"]
                 if "error" in ref:
                     row += f"{'failed: ' + ref['error']:>26s} |"
                 else:
                     row += f"{ref['median']:8.2f} {ref['peak_mib']:8.0f} {ref['growth_mib']:6.0f} | "
                     if "error" not in ours:
-                        diff = np.max(np.abs(np.load(ours_out) - np.load(torch_out)))
+                        diff = np.max(np.abs(np.load(os.path.join(tmp, f"eamamba_ref{size}.npy"))
+                                             - np.load(os.path.join(tmp, f"torch{size}.npy"))))
                         row += f"{ref['median'] / ours['median']:9.2f}x {diff:10.1e}"
             else:
                 row += f"{'-':>8s} {'-':>8s} {'-':>6s} |"
             if args.unfused:
-                plain = run_child("unfused", size, args, os.path.join(tmp, f"plain{size}.npy"))
+                plain = res["unfused"]
                 if "error" in plain:
                     row += f" unfused failed: {plain['error']}"
                 elif "error" not in ours:

@@ -10,6 +10,18 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+import sys as _sys
+
+# NumPy's OpenBLAS keeps its idle worker threads spinning for ~2**28 cycles after every GEMM. The
+# model alternates GEMMs with Numba's parallel kernels, whose threads then share the cores with
+# spinning ones: on 2 cores a forward took 8.4-9.7 s instead of ~6 s at 256x256, and 1.35 s
+# instead of 0.17 s at 32x32. 2**4 cycles = sleep at once; waking them costs microseconds per
+# GEMM. OpenBLAS reads this when it loads, i.e. only if this package is imported before NumPy
+# (it is, for `python -m eamamba_ref...`); otherwise export it yourself. The user's value wins.
+OPENBLAS_TIMEOUT_APPLIED = "numpy" not in _sys.modules or "OPENBLAS_THREAD_TIMEOUT" in _os.environ
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from . import scans
 from .config import ConfigError, MambaConfig, ModelConfig
 from .loading import load
