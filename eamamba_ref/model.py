@@ -45,16 +45,18 @@ def norm(p, name, x, backend=None):
 def channel_mixer(p, x, kind):
     """The block's feed-forward part on `(B, C, H, W)`. kind: simple | gdfn | ffn | cca."""
     if kind == "simple":                  # 1x1 to C*f, SimpleGate (halves multiplied), 1x1 back
-        h = conv(p, "project_in", x)
-        half = h.shape[1] // 2
-        return conv(p, "project_out", h[:, :half] * h[:, half:])
+        def simple_gate_ffn(x):
+            h = conv(p, "project_in", x)
+            half = h.shape[1] // 2
+            return conv(p, "project_out", h[:, :half] * h[:, half:])
+        return ops.by_row_strips(simple_gate_ffn, x)     # per pixel: strips bound the memory
     if kind == "gdfn":                    # Restormer's gated-dconv FFN
         h = conv(p, "project_in", x)
         h = conv(p, "dwconv", h, groups=h.shape[1])
         half = h.shape[1] // 2
         return conv(p, "project_out", ops.gelu(h[:, :half]) * h[:, half:])
     if kind == "ffn":
-        return conv(p, "project_out", ops.gelu(conv(p, "project_in", x)))
+        return ops.by_row_strips(lambda x: conv(p, "project_out", ops.gelu(conv(p, "project_in", x))), x)
     if kind == "cca":                     # 1x1, depthwise 3x3, channel attention, 1x1
         h = conv(p, "conv2", conv(p, "conv1", x), groups=x.shape[1])
         a = ops.relu(conv(p, "ca.1", ops.adaptive_avg_pool_1(h)))
@@ -71,6 +73,7 @@ def block(p, x, cfg, backend=None):
     with scope("mamba"):
         mixed = mhssm(sub(p, "mamba"), tokens, (H, W), cfg.mamba, backend)
     x = x + record("mamba", mixed).reshape(B, C, H, W)                   # mamba: (B, C, L)
+    del tokens, mixed                     # full-resolution maps: free them before the FFN's peak
     ffn = channel_mixer(sub(p, "ffn"), record("norm2", norm(p, "norm2", x, backend)), cfg.channel_mixer_type)
     return record("", x + record("ffn", ffn))                             # the block's output
 
@@ -255,6 +258,27 @@ def init_params(cfg: ModelConfig, seed=0):
     return params
 
 
+def _warn_if_openblas_spins():
+    """Once per process: say so when OpenBLAS's idle threads keep spinning (see __init__.py)."""
+    global _openblas_warned
+    import eamamba_ref
+    if eamamba_ref.OPENBLAS_TIMEOUT_APPLIED or _openblas_warned:
+        return
+    _openblas_warned = True
+    try:
+        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]["name"]
+    except (AttributeError, KeyError, TypeError):
+        return
+    if "openblas" in str(blas).lower():
+        import warnings
+        warnings.warn("NumPy was imported before eamamba_ref, so OpenBLAS's idle threads spin between "
+                      "GEMMs and slow the Numba kernels down (2-8x on few cores): import eamamba_ref "
+                      "first, or set OPENBLAS_THREAD_TIMEOUT=4 in the environment", RuntimeWarning, stacklevel=3)
+
+
+_openblas_warned = False
+
+
 class EAMamba:
     """A ready model: config + parameters; `model(x)` runs the forward pass.
 
@@ -284,6 +308,7 @@ class EAMamba:
             if self._device_params is None:
                 self._device_params = {k: DeviceTensor.from_host(v) for k, v in self.params.items()}
             return forward(self._device_params, cfg, DeviceTensor.from_host(x), "cuda").to_host()
+        _warn_if_openblas_spins()
         return forward(self.params, cfg, x, self.backend)
 
     @property

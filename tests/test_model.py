@@ -97,3 +97,4 @@ def test_invalid_configs_raise_one_clear_error(args, match):
 def test_config_json_round_trip():
     cfg = ModelConfig.from_args("eamambasr", dict(tiny_args(num_blocks=[2, 2]), upscale=3))
     assert ModelConfig.from_json(cfg.to_json()) == cfg
+

@@ -331,15 +331,10 @@ def mhssm_numba(p, x, size, cfg):
     w_in = p["in_proj.weight"]
     b_in = p.get("in_proj.bias")
 
-    # 1. in_proj: x channel-first for the conv; the gate z straight to pixel-major (x^T W_z^T)
+    # 1. in_proj, first half: x channel-first for the conv (the gate z comes after the scan)
     xs = np.matmul(w_in[:d], x)                                           # (B, d, L)
     if b_in is not None:
         xs += b_in[:d, None]
-    z = None
-    if not cfg.disable_z_branch:
-        z = np.matmul(x.transpose(0, 2, 1), w_in[d:].T)                 # (B, L, d)
-        if b_in is not None:
-            z += b_in[d:]
 
     # 2. depthwise conv + SiLU, written pixel-major
     u = dwconv_silu_pixel_major(xs.reshape(B, d, *size), p["conv.weight"], p.get("conv.bias"))
@@ -353,7 +348,15 @@ def mhssm_numba(p, x, size, cfg):
                          -np.exp(p["A_logs"]), p["Ds"])                  # (B, L, d)
     del u, xdbl
 
-    # 6. LayerNorm * SiLU(z) in place, then out_proj back to channel-first (W_out y^T)
+    # 6. in_proj, second half: the gate z straight to pixel-major (x^T W_z^T), made only now so
+    #    that it and xdbl (the largest array here) never coexist: peak memory at 512x512
+    z = None
+    if not cfg.disable_z_branch:
+        z = np.matmul(x.transpose(0, 2, 1), w_in[d:].T)                 # (B, L, d)
+        if b_in is not None:
+            z += b_in[d:]
+
+    # 7. LayerNorm * SiLU(z) in place, then out_proj back to channel-first (W_out y^T)
     y = layer_norm_gate(y, z, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5)
     out = np.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))          # (B, C, L)
     if "out_proj.bias" in p:
