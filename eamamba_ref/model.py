@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops, ssm
+from .allocator import reuse_freed_memory
 from .config import ModelConfig
 from .mhssm import mhssm, mhssm_parameter_shapes
 from .trace import record, scope
@@ -309,7 +310,8 @@ class EAMamba:
                 self._device_params = {k: DeviceTensor.from_host(v) for k, v in self.params.items()}
             return forward(self._device_params, cfg, DeviceTensor.from_host(x), "cuda").to_host()
         _warn_if_openblas_spins()
-        return forward(self.params, cfg, x, self.backend)
+        with reuse_freed_memory():        # no page faults for the large temporaries (allocator.py)
+            return forward(self.params, cfg, x, self.backend)
 
     @property
     def num_params(self):
