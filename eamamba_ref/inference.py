@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .allocator import reuse_freed_memory
+
 
 def padded(model, x, multiple=8):
     """model(x) for any H, W: mirror-pad bottom/right to a multiple, run, crop. x: `(B, C, H, W)`."""
@@ -78,24 +80,25 @@ def tiled(model, x, tile=None, overlap=32, progress=None):
         raise ValueError(f"tile must be >= 8 and overlap in [0, tile), got tile {tile}, overlap {overlap}")
     ys, xs = _starts(H, tile, overlap), _starts(W, tile, overlap)
     out = weight = None
-    for i, y0 in enumerate(ys):
-        for j, x0 in enumerate(xs):
-            th, tw = min(tile, H), min(tile, W)
-            piece = padded(model, np.ascontiguousarray(x[:, :, y0:y0 + th, x0:x0 + tw]))
-            s = piece.shape[2] // th
-            if out is None:
-                out = np.zeros((B, piece.shape[1], s * H, s * W), np.float32)
-                weight = np.zeros((s * H, s * W), np.float32)
-            # ramp only where this tile overlaps a neighbour
-            up = (ys[i - 1] + th - y0) * s if i > 0 else 0
-            down = (y0 + th - ys[i + 1]) * s if i + 1 < len(ys) else 0
-            left = (xs[j - 1] + tw - x0) * s if j > 0 else 0
-            right = (x0 + tw - xs[j + 1]) * s if j + 1 < len(xs) else 0
-            w = np.outer(_ramp(s * th, up, down), _ramp(s * tw, left, right))
-            out[:, :, s * y0:s * (y0 + th), s * x0:s * (x0 + tw)] += piece * w
-            weight[s * y0:s * (y0 + th), s * x0:s * (x0 + tw)] += w
-            if progress:
-                progress(1)
+    with reuse_freed_memory():        # the tiles' activations reuse each other's memory
+        for i, y0 in enumerate(ys):
+            for j, x0 in enumerate(xs):
+                th, tw = min(tile, H), min(tile, W)
+                piece = padded(model, np.ascontiguousarray(x[:, :, y0:y0 + th, x0:x0 + tw]))
+                s = piece.shape[2] // th
+                if out is None:
+                    out = np.zeros((B, piece.shape[1], s * H, s * W), np.float32)
+                    weight = np.zeros((s * H, s * W), np.float32)
+                # ramp only where this tile overlaps a neighbour
+                up = (ys[i - 1] + th - y0) * s if i > 0 else 0
+                down = (y0 + th - ys[i + 1]) * s if i + 1 < len(ys) else 0
+                left = (xs[j - 1] + tw - x0) * s if j > 0 else 0
+                right = (x0 + tw - xs[j + 1]) * s if j + 1 < len(xs) else 0
+                w = np.outer(_ramp(s * th, up, down), _ramp(s * tw, left, right))
+                out[:, :, s * y0:s * (y0 + th), s * x0:s * (x0 + tw)] += piece * w
+                weight[s * y0:s * (y0 + th), s * x0:s * (x0 + tw)] += w
+                if progress:
+                    progress(1)
     return out / weight
 
 

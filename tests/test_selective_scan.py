@@ -351,6 +351,21 @@ CUDA_SIM_SCRIPT = textwrap.dedent("""
             if not isinstance(g, np.ndarray) or g.shape != w.shape or scaled_error(g, w) > 1e-5:
                 failures.append(f"case {i} {part}: error {scaled_error(g, w):.3g}")
 
+    # several time chunks (the three-launch path), forced on short sequences: chunks of 1 and 3
+    from eamamba_ref.ssm import gpu as gpu_scan
+    gpu_scan.TARGET_THREADS = 10**6
+    for min_chunk in (1, 3):
+        gpu_scan.MIN_CHUNK = min_chunk
+        for i, case in enumerate([dict(cases[0], length=10), dict(cases[1], length=7),
+                                  dict(cases[2], length=9)]):
+            problem = make_problem(seed=20 + i, **case)
+            want = ssm.selective_scan(**problem, return_last_state=True, backend="numpy")
+            got = ssm.selective_scan(**problem, return_last_state=True, backend="cuda")
+            for part, g, w in zip(("y", "last_state"), got, want):
+                if scaled_error(g, w) > 1e-5:
+                    failures.append(f"chunks of {min_chunk}, case {i} {part}: error {scaled_error(g, w):.3g}")
+    gpu_scan.TARGET_THREADS, gpu_scan.MIN_CHUNK = 16384, 32
+
     # device arrays in -> device arrays out
     problem = make_problem(seed=9, **cases[0])
     on_device = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v)

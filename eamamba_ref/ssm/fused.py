@@ -23,10 +23,9 @@ The recurrence itself is the one of `cpu.py` (SIMD over the state index, vectori
 `fastexp`, denormal-safe), so the accuracy statement there holds here: agreement with the float32
 NumPy reference to ~1e-6 of the output scale (tests/test_fused.py checks 1e-5). Per state update,
 at the first U-Net level of the official denoiser (d 64, 256x256, N 16, diagonal x8, one thread) the
-kernel takes 2.45 ns including dt_proj and its gathers, against 1.9 ns for `cpu.scan_kernel` on
-already-reordered inputs; with the gather and scatter loops written inline in the prange body it
-took 3.7 ns (they are helpers now, like the arithmetic). The MHSSM as a whole is faster because the
-copies it replaces cost more.
+kernel takes ~1.3 ns including dt_proj and its gathers (2.1 ns before the gather prefetched the
+pixels of the steps ahead, see prefetch.py; 3.7 ns with the gather and scatter loops written
+inline in the prange body).
 """
 import numba
 import numpy as np
