@@ -34,8 +34,9 @@ def _make_prefetch(rw):
                 strides=cgutils.unpack_tuple(builder, ary.strides), layout=signature.args[0].layout,
                 inds=inds, wraparound=False, boundscheck=False)
             i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+            # declare_intrinsic mangles the name for the pointer type of this llvmlite's LLVM
+            fn = builder.module.declare_intrinsic(
+                "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
             # (address, read 0 / write 1, locality 3 = keep in all cache levels, data cache)
             builder.call(fn, [builder.bitcast(ptr, i8p), i32(rw), i32(3), i32(1)])
             return context.get_dummy_value()
