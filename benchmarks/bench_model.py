@@ -74,6 +74,8 @@ def make_input(cfg, size, seed=1):
 
 def child(impl, size, repeats, threads, checkpoint, seed):
     """Runs in a child process: time `repeats` forwards of one implementation; prints JSON."""
+    if impl == "torch":
+        import torch  # noqa: F401  (before eamamba_ref: torch's OpenMP reads the environment as it loads)
     cfg, params = build(checkpoint, seed)
     x = make_input(cfg, size)
     if impl == "torch":
@@ -146,14 +148,22 @@ class RssSampler:
         self.peak = max(self.peak, rss_mib())
 
 
-def child_env(args, out_path):
-    # OPENBLAS_THREAD_TIMEOUT: what `import eamamba_ref` sets for its own process (see its
-    # __init__); the children import NumPy first, so it is passed here. Torch's GEMMs are not
-    # OpenBLAS's, so the setting does not touch the reference.
-    return dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
-                OPENBLAS_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-                OPENBLAS_THREAD_TIMEOUT=os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4"),
-                BENCH_OUT=out_path, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def child_env(args, out_path, impl=None):
+    """The children's environment: the thread counts, and the thread settings of `import eamamba_ref`
+    (its __init__: idle OpenBLAS and OpenMP threads sleep) for eamamba_ref's children only; the
+    PyTorch reference runs with torch's own defaults, as its users run it."""
+    import eamamba_ref
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
+               OPENBLAS_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               BENCH_OUT=out_path, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in eamamba_ref.THREAD_ENV_SET:       # set by our import, not by the user
+        env.pop(name)
+    if impl != "torch":
+        # the children import NumPy before eamamba_ref: pass what the import would have set
+        env.update({"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "passive"}
+                   | {k: os.environ[k] for k in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")
+                      if k in os.environ and k not in eamamba_ref.THREAD_ENV_SET})
+    return env
 
 
 def child_cmd(impl, size, args):
@@ -183,7 +193,7 @@ def run_interleaved(impls, size, args, tmp):
     workers = {}
     for impl in impls:
         err = open(os.path.join(tmp, f"{impl}{size}.err"), "w+")
-        proc = subprocess.Popen(child_cmd(impl, size, args), env=child_env(args, os.path.join(tmp, f"{impl}{size}.npy")),
+        proc = subprocess.Popen(child_cmd(impl, size, args), env=child_env(args, os.path.join(tmp, f"{impl}{size}.npy"), impl),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
         workers[impl] = (proc, err)
     watchdog = threading.Timer(args.timeout, lambda: [p.kill() for p, _ in workers.values()])
@@ -385,7 +395,10 @@ def main(argv=None):
     print(f"eamamba_ref backend '{get_default_backend()}', {args.threads} threads; "
           f"{'PyTorch reference (chunked scan)' if have_torch else 'no torch'}; median of {args.repeats} "
           f"after a warm-up, the implementations' forwards taking turns")
-    print(f"OPENBLAS_THREAD_TIMEOUT={child_env(args, '')['OPENBLAS_THREAD_TIMEOUT']} in the children")
+    ours_env, torch_env = child_env(args, ""), child_env(args, "", "torch")
+    shown = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")
+    print("eamamba_ref's children: " + " ".join(f"{k}={ours_env.get(k, '(unset)')}" for k in shown)
+          + "; torch's: " + " ".join(f"{k}={torch_env.get(k, '(unset)')}" for k in shown))
     print(load_average())
     rates = run_child("rates", 0, args, os.devnull)          # in a child: with the benchmark's threads
     big, conv_rate, exp_ns = rates["gemm"], rates["conv"], rates["exp_ns"]

@@ -39,3 +39,18 @@ def test_openblas_spin_warning_once_when_numpy_came_first(numpy_first, env, expe
     out = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-500:]
     assert int(out.stdout.strip().splitlines()[-1]) == expected
+
+
+@pytest.mark.parametrize("preset", [{}, {"OMP_WAIT_POLICY": "active", "OPENBLAS_THREAD_TIMEOUT": "20"}])
+def test_import_sets_the_idle_thread_settings_unless_the_user_did(preset):
+    script = ("import os, eamamba_ref\n"
+              "print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_THREAD_TIMEOUT'], "
+              "sorted(eamamba_ref.THREAD_ENV_SET))")
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")} | preset
+    out = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    if preset:
+        assert out.stdout.split() == ["active", "20", "[]"]
+    else:
+        assert out.stdout.strip() == "passive 4 ['OMP_WAIT_POLICY', 'OPENBLAS_THREAD_TIMEOUT']"
