@@ -309,7 +309,8 @@ class EAMamba:
             if self._device_params is None:
                 self._device_params = {k: DeviceTensor.from_host(v) for k, v in self.params.items()}
             return forward(self._device_params, cfg, DeviceTensor.from_host(x), "cuda").to_host()
-        _warn_if_openblas_spins()
+        if ssm.resolve_backend(self.backend) == "numba":
+            _warn_if_openblas_spins()     # (the 'numpy' backend runs no Numba kernels to slow)
         with reuse_freed_memory():        # no page faults for the large temporaries (allocator.py)
             return forward(self.params, cfg, x, self.backend)
 
