@@ -150,19 +150,16 @@ class RssSampler:
 
 def child_env(args, out_path, impl=None):
     """The children's environment: the thread counts, and the thread settings of `import eamamba_ref`
-    (its __init__: idle OpenBLAS and OpenMP threads sleep) for eamamba_ref's children only; the
-    PyTorch reference runs with torch's own defaults, as its users run it."""
+    (its __init__: idle OpenBLAS and OpenMP threads sleep), which this process's import has put into
+    os.environ, for eamamba_ref's children only (they import NumPy first, so they would not set
+    OpenBLAS's themselves); the PyTorch reference runs with torch's own defaults, as its users run it."""
     import eamamba_ref
     env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
                OPENBLAS_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                BENCH_OUT=out_path, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for name in eamamba_ref.THREAD_ENV_SET:       # set by our import, not by the user
-        env.pop(name)
-    if impl != "torch":
-        # the children import NumPy before eamamba_ref: pass what the import would have set
-        env.update({"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "passive"}
-                   | {k: os.environ[k] for k in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")
-                      if k in os.environ and k not in eamamba_ref.THREAD_ENV_SET})
+    if impl == "torch":
+        for name in eamamba_ref.THREAD_ENV_SET:       # set by our import, not by the user
+            env.pop(name)
     return env
 
 
@@ -395,10 +392,10 @@ def main(argv=None):
     print(f"eamamba_ref backend '{get_default_backend()}', {args.threads} threads; "
           f"{'PyTorch reference (chunked scan)' if have_torch else 'no torch'}; median of {args.repeats} "
           f"after a warm-up, the implementations' forwards taking turns")
+    import eamamba_ref
     ours_env, torch_env = child_env(args, ""), child_env(args, "", "torch")
-    shown = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")
-    print("eamamba_ref's children: " + " ".join(f"{k}={ours_env.get(k, '(unset)')}" for k in shown)
-          + "; torch's: " + " ".join(f"{k}={torch_env.get(k, '(unset)')}" for k in shown))
+    print("eamamba_ref's children: " + " ".join(f"{k}={ours_env.get(k, '(unset)')}" for k in eamamba_ref.THREAD_ENV)
+          + "; torch's: " + " ".join(f"{k}={torch_env.get(k, '(unset)')}" for k in eamamba_ref.THREAD_ENV))
     print(load_average())
     rates = run_child("rates", 0, args, os.devnull)          # in a child: with the benchmark's threads
     big, conv_rate, exp_ns = rates["gemm"], rates["conv"], rates["exp_ns"]

@@ -25,8 +25,8 @@ import sys as _sys
 # `python -m eamamba_ref...`; the model warns otherwise), libgomp at Numba's first parallel
 # kernel. A value the user set is kept. THREAD_ENV_SET says what this import set (benchmarks
 # leave it out of the PyTorch reference's environment: torch's own OpenMP runs at its defaults).
-THREAD_ENV_SET = {k: v for k, v in {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "passive"}.items()
-                  if k not in _os.environ}
+THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "passive"}
+THREAD_ENV_SET = {k: v for k, v in THREAD_ENV.items() if k not in _os.environ}
 OPENBLAS_TIMEOUT_APPLIED = "numpy" not in _sys.modules or "OPENBLAS_THREAD_TIMEOUT" not in THREAD_ENV_SET
 _os.environ.update(THREAD_ENV_SET)
 

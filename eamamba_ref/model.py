@@ -304,12 +304,13 @@ class EAMamba:
             raise ValueError(f"this model takes {cfg.inp_channels} input channels, got {x.shape[1]}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         forward = eamamba if cfg.name == "eamamba" else eamamba_sr
-        if ssm.resolve_backend(self.backend) == "cuda":
+        backend = ssm.resolve_backend(self.backend)
+        if backend == "cuda":
             from .gpu import DeviceTensor
             if self._device_params is None:
                 self._device_params = {k: DeviceTensor.from_host(v) for k, v in self.params.items()}
             return forward(self._device_params, cfg, DeviceTensor.from_host(x), "cuda").to_host()
-        if ssm.resolve_backend(self.backend) == "numba":
+        if backend == "numba":
             _warn_if_openblas_spins()     # (the 'numpy' backend runs no Numba kernels to slow)
         with reuse_freed_memory():        # no page faults for the large temporaries (allocator.py)
             return forward(self.params, cfg, x, self.backend)

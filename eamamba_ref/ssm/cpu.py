@@ -7,16 +7,16 @@ its task, and time is walked once, in chunks of CHUNK steps.
 Vectorisation: the N state updates of one time step are independent, so the SIMD lanes run over
 the state index n. N is padded to a multiple of BLOCK = 16 and the innermost loop is a
 ``for k in range(BLOCK)`` over one block (``_recurrence_block``), whose operands are contiguous
-1-D / 2-D slices indexed [k] or [t, k]. These details matter to LLVM: a compile-time trip count of at least 16 is what its loop vectoriser
-accepts (shorter loops that need run-time alias checks are left scalar), and indices that are
-plain loop counters let it prove them non-negative, removing NumPy-style wraparound code that
-otherwise hides the access pattern. With the exp of ``fastexp`` inlined, one block is a handful
+1-D / 2-D slices indexed [k] or [t, k]. These details matter to LLVM: a compile-time trip count
+of at least 16 is what its loop vectoriser accepts (shorter loops that need run-time alias
+checks are left scalar), and indices that are plain loop counters let it prove them
+non-negative, removing NumPy-style wraparound code that otherwise hides the access pattern. With the exp of ``fastexp`` inlined, one block is a handful
 of 8-wide AVX2 instructions per state update. The padding lanes have A = B = C = 0, so their
 state stays 0 and adds nothing to y.
 
 Memory: per chunk, each task copies B and C into [block, time, k] order (so that one step's B_t
-is contiguous within a block) in buffers of CHUNK x N_pad floats that stay in L1 and serve every channel of the
-task. Nothing of size L * N is stored.
+is contiguous within a block) in buffers of CHUNK x N_pad floats that stay in L1 and serve every
+channel of the task. Nothing of size L * N is stored.
 
 Denormals: decay factors are kept at or above 2**-63 and states below 2**-63 are flushed to zero
 (see ``fastexp.TINY``), so that no product in the recurrence is ever denormal: on x86 each

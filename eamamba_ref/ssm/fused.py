@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu import BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS_PER_THREAD, recurrence
-from .fastexp import FASTMATH, FASTMATH_REASSOC, fexp, silu, softplus
+from .fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
 from .prefetch import prefetch, prefetch_write
 
 f32 = np.float32
@@ -278,7 +278,7 @@ def _layer_norm_gate_row(v, g, weight, bias, eps, has_z):
     rstd = f32(1.0) / np.sqrt(var / d + eps)
     if has_z:
         for c in range(d):
-            v[c] = ((v[c] - mean) * rstd * weight[c] + bias[c]) * (g[c] / (f32(1.0) + fexp(-g[c])))
+            v[c] = ((v[c] - mean) * rstd * weight[c] + bias[c]) * silu(g[c])
     else:
         for c in range(d):
             v[c] = (v[c] - mean) * rstd * weight[c] + bias[c]
