@@ -37,6 +37,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.color import rgb2gray
 from skimage.io import imread
 from skimage.transform import rescale
 
@@ -48,23 +49,33 @@ TASKS = {
     "denoise": ("eamamba", dict(inp_channels=3, out_channels=3, dim=16, num_blocks=[1, 1, 1, 1],
                                 num_refinement_blocks=1, ffn_expansion_factor=2, bias=False,
                                 layernorm_type="WithBias", channel_mixer_type="Simple", mamba_cfg=MAMBA)),
+    # the same U-Net on one channel: gray photos carry one noise field, which a colour model, fed
+    # the channel three times, never saw (it leaves them noisy)
+    "denoise_gray": ("eamamba", dict(inp_channels=1, out_channels=1, dim=16, num_blocks=[1, 1, 1, 1],
+                                     num_refinement_blocks=1, ffn_expansion_factor=2, bias=False,
+                                     layernorm_type="WithBias", channel_mixer_type="Simple", mamba_cfg=MAMBA)),
     "sr2": ("eamambasr", dict(inp_channels=3, out_channels=3, dim=32, num_blocks=[2, 2], upscale=2,
                               ffn_expansion_factor=2, bias=False, layernorm_type="WithBias",
                               channel_mixer_type="Simple", mamba_cfg=dict(MAMBA, d_state=8, expand=1))),
 }
 
 
-def load_images(folder):
+def load_images(folder, gray=False):
+    """uint8 images `(H, W, 3)`, or `(H, W, 1)` with gray=True (colour photos -> 8-bit luma)."""
     paths = sorted(p for ext in ("png", "jpg", "jpeg") for p in glob.glob(os.path.join(folder, f"*.{ext}")))
     if not paths:
         raise SystemExit(f"no PNG/JPEG images in {folder}")
     images = [imread(p) for p in paths]
+    if gray:
+        # rounded to 8 bits like a gray photo file; already-gray images pass through unchanged
+        return [(im if im.ndim == 2 else np.round(rgb2gray(im[..., :3]) * 255).astype(np.uint8))[..., None]
+                for im in images]
     return [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im[..., :3] for im in images]
 
 
 def random_patches(images, n, size, rng):
-    """n random crops `(n, 3, size, size)` in [0, 1] with random flips / 90-degree rotations."""
-    out = np.empty((n, 3, size, size), np.float32)
+    """n random crops `(n, C, size, size)` in [0, 1] with random flips / 90-degree rotations."""
+    out = np.empty((n, images[0].shape[2], size, size), np.float32)
     for i in range(n):
         img = images[rng.integers(len(images))]
         y = rng.integers(img.shape[0] - size + 1)
@@ -78,8 +89,8 @@ def random_patches(images, n, size, rng):
 
 
 def degrade(task, hr, rng):
-    """(input, target) tensors for a batch of clean patches `(n, 3, s, s)`."""
-    if task == "denoise":
+    """(input, target) tensors for a batch of clean patches `(n, C, s, s)`."""
+    if task.startswith("denoise"):
         sigma = rng.uniform(0, 50, (hr.shape[0], 1, 1, 1)) / 255.0
         return (hr + rng.standard_normal(hr.shape) * sigma).astype(np.float32), hr
     lr = np.stack([rescale(p, 0.5, channel_axis=0, anti_aliasing=True, order=3) for p in hr])
@@ -123,6 +134,24 @@ def bilinear_start(model, scale=2):
             model.conv_last.weight[k, k, 1, 1] = 1
 
 
+def gray_from_colour(model, colour_state_dict):
+    """Start a 1-channel U-Net from a colour one: the colour model applied to a gray image (g, g, g).
+
+    Why: the colour denoiser already knows images; only the noise statistics differ (one noise
+    field instead of three). Feeding gray g as (g, g, g) equals a first conv whose weights are
+    summed over the three input channels; reading gray out as the mean of the three outputs equals
+    the last conv averaged over its output channels (the input residual stays g). Every other
+    weight is shared as it is, so fine-tuning starts from the colour model's quality on gray.
+    """
+    sd = {k: v.clone() for k, v in colour_state_dict.items()}
+    first, last = "patch_embed.proj.weight", "output.weight"
+    sd[first] = sd[first].sum(dim=1, keepdim=True)
+    sd[last] = sd[last].mean(dim=0, keepdim=True)
+    if "output.bias" in sd:
+        sd["output.bias"] = sd["output.bias"].mean(dim=0, keepdim=True)
+    model.load_state_dict(sd)
+
+
 def psnr(a, b):
     mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - b) ** 2))
     return 10 * math.log10(1.0 / max(mse, 1e-12))
@@ -138,7 +167,7 @@ def validate(task, model, val_images, crop=256):
             size = min(crop, h, w) // 8 * 8
             y, x = (h - size) // 2, (w - size) // 2
             hr = (img[y:y + size, x:x + size].transpose(2, 0, 1) / 255.0).astype(np.float32)[None]
-            if task == "denoise":
+            if task.startswith("denoise"):
                 inp = (hr + rng.standard_normal(hr.shape) * 25 / 255.0).astype(np.float32)
             else:
                 inp = degrade(task, hr, rng)[0]
@@ -164,6 +193,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scan", default="auto", help="torch_ref scan mode: auto | numba | chunked")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", help="denoise_gray: start from this colour denoise checkpoint's "
+                    "EMA weights (gray_from_colour)")
+    ap.add_argument("--restart-schedule", action="store_true",
+                    help="with --resume: start a new cosine schedule of --total-steps at the resumed step "
+                         "(a warm restart; the optimizer state is kept)")
     ap.add_argument("--random-start", action="store_true",
                     help="sr2: start from random weights instead of bilinear_start")
     args = ap.parse_args()
@@ -184,10 +218,12 @@ def main():
     model = build_from_args(name, model_args)
     if args.task == "sr2" and not args.random_start:
         bilinear_start(model)
+    if args.init_from:
+        gray_from_colour(model, torch.load(args.init_from, weights_only=True)["model"]["sd_e"])
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, betas=(0.9, 0.999))
     ckpt_path = os.path.join(args.out, "last.pth")
-    step, minutes_before = 0, 0.0
+    step, minutes_before, schedule_start = 0, 0.0, 0
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=True)
         model.load_state_dict(ck["model"]["sd"])
@@ -195,10 +231,12 @@ def main():
         opt.load_state_dict(ck["optimizer"]["sd"])
         step = int(ck["current_iter"])
         minutes_before = float(ck["model"]["args"].get("_train_minutes", 0.0))
-        print(f"resumed at step {step} ({minutes_before:.1f} min)")
+        schedule_start = step if args.restart_schedule else int(ck["model"]["args"].get("_schedule_start", 0))
+        print(f"resumed at step {step} ({minutes_before:.1f} min), schedule from step {schedule_start}")
 
-    train_images = load_images(args.data)
-    val_images = load_images(args.val)[: args.val_count]
+    gray = model_args["inp_channels"] == 1
+    train_images = load_images(args.data, gray)
+    val_images = load_images(args.val, gray)[: args.val_count]
     rng = np.random.default_rng(step + 1)
     log_path = os.path.join(args.out, "log.csv")
     new_log = not os.path.exists(log_path)
@@ -213,7 +251,8 @@ def main():
     losses = []
 
     def save():
-        saved_args = dict(model_args, _train_minutes=minutes_before + (time.time() - start) / 60)
+        saved_args = dict(model_args, _train_minutes=minutes_before + (time.time() - start) / 60,
+                          _schedule_start=schedule_start)
         tmp = ckpt_path + ".tmp"
         save_official_checkpoint(model, tmp, name, saved_args, ema_state_dict=ema.state_dict(),
                                  optimizer_state_dict=opt.state_dict(), current_iter=step)
@@ -233,7 +272,8 @@ def main():
             next_val = elapsed + args.val_every
         if elapsed >= args.minutes:
             break
-        lr = args.lr * 0.5 * (1 + math.cos(math.pi * min(step / args.total_steps, 1.0)))
+        progress = min((step - schedule_start) / args.total_steps, 1.0)
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
         lr = max(lr, args.lr * 0.02)
         for g in opt.param_groups:
             g["lr"] = lr
