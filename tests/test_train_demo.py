@@ -43,3 +43,24 @@ def test_bilinear_start_rejects_other_scales():
     td = _train_demo()
     with pytest.raises(ValueError, match="x2"):
         td.bilinear_start(object(), scale=3)
+
+
+def test_gray_from_colour_is_the_colour_model_on_replicated_gray():
+    """A gray model started from a colour one equals the colour model fed (g, g, g), channels averaged."""
+    td = _train_demo()
+    from eamamba_ref.torch_ref import build_from_args, set_scan_mode
+
+    set_scan_mode("sequential")
+    small = dict(dim=8, num_blocks=[1, 1, 1, 1])
+    name, args = td.TASKS["denoise"]
+    torch.manual_seed(2)
+    colour = build_from_args(name, dict(args, **small))
+    gname, gargs = td.TASKS["denoise_gray"]
+    gray = build_from_args(gname, dict(gargs, **small))
+    td.gray_from_colour(gray, colour.state_dict())
+    g = torch.from_numpy(np.random.default_rng(1).random((1, 1, 16, 16), dtype=np.float32))
+    with torch.no_grad():
+        ref = colour(g.repeat(1, 3, 1, 1)).mean(dim=1, keepdim=True)
+        out = gray(g)
+    assert out.shape == (1, 1, 16, 16)
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5

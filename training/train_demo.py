@@ -157,7 +157,7 @@ def psnr(a, b):
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def validate(task, model, val_images, crop=256):
+def validate(task, model, val_images, crop=256, device="cpu"):
     """Mean PSNR of the model on centre crops of the validation images (fixed seed noise)."""
     rng = np.random.default_rng(1234)
     scores = []
@@ -171,7 +171,7 @@ def validate(task, model, val_images, crop=256):
                 inp = (hr + rng.standard_normal(hr.shape) * 25 / 255.0).astype(np.float32)
             else:
                 inp = degrade(task, hr, rng)[0]
-            out = model(torch.from_numpy(inp)).numpy()
+            out = model(torch.from_numpy(inp).to(device)).cpu().numpy()
             scores.append(psnr(out, hr))
     return float(np.mean(scores))
 
@@ -191,7 +191,9 @@ def main():
     ap.add_argument("--total-steps", type=int, default=4000, help="length of the cosine schedule")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--scan", default="auto", help="torch_ref scan mode: auto | numba | chunked")
+    ap.add_argument("--scan", default="auto", help="torch_ref scan mode: auto | numba | chunked "
+                    "(auto: numba on the CPU, chunked on a GPU)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (the scan is then 'chunked')")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init-from", help="denoise_gray: start from this colour denoise checkpoint's "
                     "EMA weights (gray_from_colour)")
@@ -205,6 +207,8 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)      # decayed scan states underflow: denormals are 10-50x slower
     mode = args.scan
+    if mode == "auto" and args.device != "cpu":
+        mode = "chunked"             # the Numba scan runs on the CPU only
     if mode == "auto":
         try:
             set_scan_mode("numba")
@@ -216,16 +220,18 @@ def main():
     name, model_args = TASKS[args.task]
     torch.manual_seed(0)
     model = build_from_args(name, model_args)
+    load = lambda path: torch.load(path, weights_only=True, map_location="cpu")   # noqa: E731
     if args.task == "sr2" and not args.random_start:
         bilinear_start(model)
     if args.init_from:
-        gray_from_colour(model, torch.load(args.init_from, weights_only=True)["model"]["sd_e"])
+        gray_from_colour(model, load(args.init_from)["model"]["sd_e"])
+    model.to(args.device)
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, betas=(0.9, 0.999))
     ckpt_path = os.path.join(args.out, "last.pth")
     step, minutes_before, schedule_start = 0, 0.0, 0
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=True)
+        ck = load(ckpt_path)
         model.load_state_dict(ck["model"]["sd"])
         ema.load_state_dict(ck["model"]["sd_e"])
         opt.load_state_dict(ck["optimizer"]["sd"])
@@ -261,7 +267,7 @@ def main():
     while True:
         elapsed = (time.time() - start) / 60
         if elapsed >= next_val:
-            score = validate(args.task, ema, val_images)
+            score = validate(args.task, ema, val_images, device=args.device)
             train_l1 = float(np.mean(losses)) if losses else float("nan")
             writer.writerow([f"{minutes_before + elapsed:.2f}", step, f"{score:.3f}", f"{train_l1:.5f}", mode])
             log.flush()
@@ -279,8 +285,8 @@ def main():
             g["lr"] = lr
         hr = random_patches(train_images, args.batch, args.patch, rng)
         inp, target = degrade(args.task, hr, rng)
-        out = model(torch.from_numpy(inp))
-        loss = F.l1_loss(out, torch.from_numpy(target))
+        out = model(torch.from_numpy(inp).to(args.device))
+        loss = F.l1_loss(out, torch.from_numpy(target).to(args.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
