@@ -23,34 +23,52 @@ import time
 import numpy as np
 
 from . import metrics
-from .images import Image, ImageError, read_image
+from .images import ImageError, read_image
 from .layers import bicubic_upsample
-from .restore import RestoreError, default_backend, load_task_model, restore_array, to_model_input
+from .restore import RestoreError, default_backend, load_task_model, restore_array
 from .tasks import TASKS
 
 
+def gray_8bit(rgb):
+    """Colour pixels `(H, W, 3)` in [0, 1] -> the 8-bit gray photo `(H, W, 1)` made from them.
+
+    scikit-image's luma (ITU-R BT.709 weights) rounded to 8 bits, so that a gray evaluation set
+    made from a colour one (e.g. gray CBSD68) is what a gray photo file of it would hold; the demo
+    gray denoiser is trained on the same conversion of its colour training images."""
+    from skimage.color import rgb2gray
+
+    return (np.round(rgb2gray(rgb) * 255) / 255).astype(np.float32)[..., None]
+
+
 def denoise_baselines(noisy, sigma, which):
-    """Classical denoisers on `(H, W, 3)` noisy float images, each told the true sigma (0-255 scale)."""
+    """Classical denoisers on `(H, W, C)` noisy float images (C = 3 or 1), each told the true sigma
+    (0-255 scale). Gray images get the gray forms (BM3D instead of CBM3D, no YCbCr wavelets)."""
     from skimage.restoration import denoise_nl_means, denoise_tv_chambolle, denoise_wavelet
 
     s = sigma / 255.0
+    colour = noisy.shape[2] == 3
+    img = noisy if colour else noisy[..., 0]
+    axis = -1 if colour else None
     out = {}
     if "tv" in which:
-        out["TV"] = denoise_tv_chambolle(noisy, weight=0.9 * s, channel_axis=-1)
+        out["TV"] = denoise_tv_chambolle(img, weight=0.9 * s, channel_axis=axis)
     if "wavelet" in which:
-        out["wavelet"] = denoise_wavelet(noisy, sigma=s, channel_axis=-1, convert2ycbcr=True,
+        out["wavelet"] = denoise_wavelet(img, sigma=s, channel_axis=axis, convert2ycbcr=colour,
                                          method="BayesShrink", mode="soft", rescale_sigma=True)
     if "nlm" in which:
-        out["NL-means"] = denoise_nl_means(noisy, h=0.8 * s, sigma=s, patch_size=5, patch_distance=6,
-                                           fast_mode=True, channel_axis=-1)
+        out["NL-means"] = denoise_nl_means(img, h=0.8 * s, sigma=s, patch_size=5, patch_distance=6,
+                                           fast_mode=True, channel_axis=axis)
     if "bm3d" in which:
         try:
             import bm3d
         except ImportError:
             pass
         else:
-            out["CBM3D"] = bm3d.bm3d_rgb(noisy, sigma_psd=s)
-    return out
+            if colour:
+                out["CBM3D"] = bm3d.bm3d_rgb(img, sigma_psd=s)
+            else:
+                out["BM3D"] = bm3d.bm3d(img, sigma_psd=s)
+    return {k: v.reshape(noisy.shape) for k, v in out.items()}
 
 
 def list_images(folder):
@@ -62,8 +80,10 @@ def list_images(folder):
 
 
 def evaluate(task, model, paths, sigma=25.0, seed=0, baselines=("tv", "wavelet", "nlm"), tile=None,
-             progress=True):
+             progress=True, gray=False):
     """Rows of {'image', 'method', 'psnr', 'ssim', 'seconds'} for every image and method.
+
+    gray: denoise gray images (colour ones made gray by `gray_8bit`) with a 1-channel model.
 
     model None: the baselines only (they do not depend on the weights, so a table can be made while
     a model is still training, and merged with a `--baselines none` run of the model later)."""
@@ -73,7 +93,9 @@ def evaluate(task, model, paths, sigma=25.0, seed=0, baselines=("tv", "wavelet",
     scale = task.scale
     for i, path in enumerate(tqdm(paths, desc="images", disable=not progress, leave=False)):
         gt = read_image(path).pixels
-        if gt.shape[2] == 1:
+        if gray and gt.shape[2] == 3:
+            gt = gray_8bit(gt)
+        elif not gray and gt.shape[2] == 1:
             gt = np.repeat(gt, 3, axis=2)
         outputs = {}
         if task.name == "denoise":
@@ -89,7 +111,7 @@ def evaluate(task, model, paths, sigma=25.0, seed=0, baselines=("tv", "wavelet",
         x = np.ascontiguousarray(degraded.transpose(2, 0, 1)[None])
         if model is not None:
             t = time.time()
-            y = restore_array(model, to_model_input([Image(degraded, None, 8)], task), tile)
+            y = restore_array(model, x, tile)
             outputs["EAMamba"] = (y[0].transpose(1, 2, 0), time.time() - t)
         if task.name == "denoise":
             outputs["noisy input"] = (degraded, 0.0)
@@ -129,6 +151,9 @@ def main(argv=None):
     ap.add_argument("--tile", type=int, help="restore in tiles of this size (bounds memory)")
     ap.add_argument("--csv", help="write per-image results here")
     ap.add_argument("--backend", choices=["numpy", "numba", "cuda"])
+    ap.add_argument("--gray", action="store_true",
+                    help="denoise: gray images (colour ones converted to 8-bit gray) with a 1-channel model and "
+                         "the gray baselines (BM3D instead of CBM3D)")
     ap.add_argument("--no-model", action="store_true",
                     help="only the baselines (and the noisy input / bicubic rows): no weights needed")
     args = ap.parse_args(argv)
@@ -140,7 +165,7 @@ def main(argv=None):
         unknown = set(which) - {"tv", "wavelet", "nlm", "bm3d"}
         if unknown:
             raise RestoreError(f"unknown baselines {sorted(unknown)}; choose from tv, wavelet, nlm, bm3d")
-        rows = evaluate(task, model, paths, args.sigma, args.seed, which, args.tile)
+        rows = evaluate(task, model, paths, args.sigma, args.seed, which, args.tile, gray=args.gray)
     except (RestoreError, ImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -37,10 +37,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.color import rgb2gray
 from skimage.io import imread
 from skimage.transform import rescale
 
+from eamamba_ref.evaluate import gray_8bit
 from eamamba_ref.torch_ref import build_from_args, save_official_checkpoint, set_scan_mode
 
 MAMBA = dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", disable_z_branch=False,
@@ -68,7 +68,7 @@ def load_images(folder, gray=False):
     images = [imread(p) for p in paths]
     if gray:
         # rounded to 8 bits like a gray photo file; already-gray images pass through unchanged
-        return [(im if im.ndim == 2 else np.round(rgb2gray(im[..., :3]) * 255).astype(np.uint8))[..., None]
+        return [im[..., None] if im.ndim == 2 else np.round(gray_8bit(im[..., :3] / 255.0) * 255).astype(np.uint8)
                 for im in images]
     return [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im[..., :3] for im in images]
 
