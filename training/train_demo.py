@@ -200,6 +200,9 @@ def main():
     ap.add_argument("--restart-schedule", action="store_true",
                     help="with --resume: start a new cosine schedule of --total-steps at the resumed step "
                          "(a warm restart; the optimizer state is kept)")
+    ap.add_argument("--cosine-by-time", action="store_true",
+                    help="the cosine schedule spans this run's --minutes instead of --total-steps (for a "
+                         "fixed time budget on hardware whose step rate is not known beforehand)")
     ap.add_argument("--random-start", action="store_true",
                     help="sr2: start from random weights instead of bilinear_start")
     args = ap.parse_args()
@@ -278,7 +281,10 @@ def main():
             next_val = elapsed + args.val_every
         if elapsed >= args.minutes:
             break
-        progress = min((step - schedule_start) / args.total_steps, 1.0)
+        if args.cosine_by_time:
+            progress = min(elapsed / args.minutes, 1.0)
+        else:
+            progress = min((step - schedule_start) / args.total_steps, 1.0)
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
         lr = max(lr, args.lr * 0.02)
         for g in opt.param_groups:
