@@ -23,7 +23,9 @@ diagonal ordering of the 180-degree rotated grid, not the diagonal ordering read
 diagonal scan these differ: see tests/test_scans.py::test_reversed_head_is_rotated_grid_ordering).
 
 Every transform here is a gather through a `(K, L)` index table computed once per
-(ordering, count, H, W) and cached.
+(ordering, count, H, W) and cached. Every ordering is the official one exactly, the z-order
+included: its codes tie, and the order of the tied pixels is reproduced from the sort the
+official code uses (see `_zorder` and `std_sort`).
 
 Where this module deliberately goes beyond the official code (which raises on these inputs):
 - scan_count 1 is a single direction `(B, 1, C, L)` -- plain Mamba over the chosen ordering;
