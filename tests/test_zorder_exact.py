@@ -66,6 +66,12 @@ def test_zorder_is_torch_argsort_of_the_official_codes(h, w):
     assert np.array_equal(ours, torch.argsort(codes).numpy())
 
 
+@settings(max_examples=60, deadline=None)
+@given(size=st.tuples(st.integers(1, 200), st.integers(1, 200)))
+def test_zorder_on_any_grid(size):
+    assert np.array_equal(scans.scan_order("zorder", *size), torch_order(*size))
+
+
 def test_ties_matter_on_most_grids():
     # The tests above could not tell a wrong tie order apart if torch kept ties in row-major order:
     # below 32768 pixels it does not, on most grids with more than 16 pixels.
