@@ -23,7 +23,9 @@ diagonal ordering of the 180-degree rotated grid, not the diagonal ordering read
 diagonal scan these differ: see tests/test_scans.py::test_reversed_head_is_rotated_grid_ordering).
 
 Every transform here is a gather through a `(K, L)` index table computed once per
-(ordering, count, H, W) and cached.
+(ordering, count, H, W) and cached. Every ordering is the official one exactly, the z-order
+included: its codes tie, and the order of the tied pixels is reproduced from the sort the
+official code uses (see `_zorder` and `std_sort`).
 
 Where this module deliberately goes beyond the official code (which raises on these inputs):
 - scan_count 1 is a single direction `(B, 1, C, L)` -- plain Mamba over the chosen ordering;
@@ -36,6 +38,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+
+from . import std_sort
 
 __all__ = [
     "SCAN_TYPES", "EXTRA_SCAN_TYPES", "SCAN_COUNTS", "MERGE_METHODS",
@@ -122,14 +126,17 @@ def _official_spread_bits(v):
 
 
 def _zorder(h, w):
-    # Sort pixels by the official code (column bits | row bits << 1). Ties are broken by the
-    # row-major index (a stable sort). The official code uses torch's unstable argsort, whose
-    # tie order depends on the torch version and device; it agrees with ours on every grid where
-    # the codes are distinct and wherever torch's sort happens to keep ties in place (all grids
-    # with fewer than 16 pixels per row-major run, e.g. 4x4 and 8x8, on torch 2.13 CPU).
+    # Sort pixels by the official code (column bits | row bits << 1). The codes collide, so the
+    # order among equal codes is part of the ordering: the official code takes it from torch's
+    # default (unstable) argsort, always on the CPU (the codes are built from CPU tensors) and
+    # deterministic there. `std_sort.torch_cpu_argsort` reproduces that sort move for move
+    # (libstdc++'s introsort below 32768 pixels, a stable radix sort from there on), so this is
+    # the official order on every grid, without torch. A stable sort alone would differ on most
+    # grids (4 of 64 positions on 8x8, 15,262 of 16,384 on 128x128), i.e. a checkpoint trained
+    # with the official code would read its z-order heads in a different pixel order.
     rows, cols = _grid(h, w)
     code = _official_spread_bits(cols) | (_official_spread_bits(rows) << 1)
-    return np.argsort(code, kind="stable").astype(np.int64)
+    return std_sort.torch_cpu_argsort(code)
 
 
 def _interleave_bits(v):

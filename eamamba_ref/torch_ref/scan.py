@@ -123,15 +123,16 @@ def zorder_order(h: int, w: int) -> np.ndarray:
     """The official 'zorder' ordering, reproduced exactly (it is not a Morton curve).
 
     Pixels are sorted by ``code(col) | code(row) << 1`` with the official (mis-masked) bit spread
-    above. Because codes collide, ties are broken exactly as the official code breaks them: by
-    PyTorch's default, *unstable* CPU ``argsort`` of the int32 codes (deterministic for a given
-    PyTorch build and independent of the thread count; checked on torch 2.13). A port that has no
-    PyTorch must ship these indices. For a real Z curve see :func:`morton_order`.
+    above. Codes collide, so the order of tied pixels matters, and it is decided as in the official
+    code: by PyTorch's default (unstable) ``argsort`` of the int64 codes, which the official code
+    always runs on the CPU (its codes are built from ``torch.arange`` CPU tensors). That sort is
+    deterministic; ``eamamba_ref.scans`` reproduces it without PyTorch. For a real Z curve see
+    :func:`morton_order`.
     """
     _check_size(h, w)
     i, j = np.divmod(np.arange(h * w, dtype=np.int64), w)
-    code = _official_zorder_code(j) | (_official_zorder_code(i) << 1)  # < 2**31: fits int32
-    return torch.argsort(torch.from_numpy(code.astype(np.int32))).numpy().astype(np.int64)
+    code = _official_zorder_code(j) | (_official_zorder_code(i) << 1)   # int64, as officially
+    return torch.argsort(torch.from_numpy(code)).numpy().astype(np.int64)
 
 
 def hilbert_index(rows: np.ndarray, cols: np.ndarray, bits: int) -> np.ndarray:
