@@ -31,7 +31,7 @@ from .trace import recording
 
 META = "__meta__"
 # torch modules whose outputs are tokens (B, L, C): stored transposed to (B, C, L)
-_TOKEN_MODULES = (".mamba", ".mamba.in_proj", ".mamba.out_norm", ".mamba.out_proj")
+_TOKEN_MODULES = (".mamba", ".mamba.in_proj", ".mamba.out_norm", ".mamba.gate", ".mamba.out_proj")
 
 
 def trace_numpy(model, x):
@@ -90,6 +90,11 @@ def load_trace(path):
         meta = json.loads(str(f[META])) if META in f.files else {}
         order = meta.get("order") or [k for k in f.files if k != META]
         return {k: f[k] for k in order if k in f.files}, meta
+
+
+def unmatched(reference, other):
+    """(names only in `reference`, names only in `other`), each in its file's order."""
+    return [n for n in reference if n not in other], [n for n in other if n not in reference]
 
 
 def compare(reference, other, tol=1e-4):
@@ -168,6 +173,10 @@ def main(argv=None):
     if not rows:
         print("error: the two traces have no activation name in common", file=sys.stderr)
         return 2
+    for path, names in zip((args.reference, args.other), unmatched(ref, other)):
+        if names:
+            shown = names if args.all or len(names) <= 8 else names[:8] + ["..."]
+            print(f"only in {path}: {len(names)} name{'s' * (len(names) > 1)} ({', '.join(shown)})")
     for name, err, sa, sb in rows:
         if args.all or name == first:
             shape = f"{sa}" if sa == sb else f"{sa} vs {sb}"
