@@ -19,6 +19,11 @@ together with NumPy's BLAS for in_proj, x_proj and out_proj:
     directional_scan          dt_proj + delta_bias + softplus + scan + D skip, gather/scatter fused
     layer_norm_gate           LayerNorm over channels * SiLU(z), in place on (B, L, d)
 
+A trace (`eamamba_ref.trace`) records the plain composition's stage names from these functions'
+boundaries, without changing what runs: the kernels' inputs and outputs, transposed or put in scan
+order, and, recomputed only while recording, the three stages the kernels never store (the conv
+before its SiLU, dt_proj, the LayerNorm before its gate).
+
 The recurrence itself is the one of `cpu.py` (SIMD over the state index, vectorisable exp from
 `fastexp`, denormal-safe), so the accuracy statement there holds here: agreement with the float32
 NumPy reference to ~1e-6 of the output scale (tests/test_fused.py checks 1e-5). Per state update,
