@@ -3,7 +3,7 @@
 Tracing sits at function boundaries: the forward-pass functions carry the `traced` decorator,
 which, while a `recording()` is active, stores what the function returned under a name (the
 official module name: `conv(p, "project_in", x)` records `project_in`) and prefixes what is
-recorded inside the call with a scope (`block(p, "encoder_level1.0", ...)` makes its MHSSM's
+recorded inside the call with a scope (`named_block(p, "encoder_level1.0", ...)` makes its MHSSM's
 `out_proj` `encoder_level1.0.mamba.out_proj`). Nothing in the computation changes while
 recording: the same functions and kernels run on the same data; recording only copies values.
 
