@@ -7,13 +7,20 @@
     python -m eamamba_ref.oracle compare numpy_trace.npz torch_trace.npz --tol 1e-4
 
 Names are the official module names (`encoder_level1.0`, `encoder_level1.0.mamba`,
-`encoder_level1.0.mamba.out_norm`, `down1_2`, `output`, ...), plus the MHSSM's internal stages that
-are not modules in the official code (`...mamba.in_proj`, `act`, `all_around`, `x_proj`, `dt_proj`,
-`selective_scan`, `restore`, `gate`). Layouts: image-level activations `(B, C, H, W)`; the MHSSM's
-`(B, C, L)` (its module outputs are tokens `(B, L, C)` in the official code: transposed here),
-`all_around`/`x_proj`/`dt_proj` `(B, K, ., L)`, `selective_scan` `(B, K*C', L)`. Another
-implementation only has to produce the names it has; `compare` walks the first file's names in
-forward order and checks those present in both.
+`encoder_level1.0.mamba.out_norm`, `down1_2`, `down1_2.body.0`, `encoder_level1.0.ffn.project_in`,
+`output`, ...), plus the MHSSM's internal stages that are not modules in the official code
+(`...mamba.act`, `all_around`, `x_proj`, `dt_proj`, `selective_scan`, `restore`, `gate`; the
+PyTorch reference has identity modules of these names). Layouts: image-level activations
+`(B, C, H, W)`; `mamba.conv` as the module outputs it (`(B, d, H, W)`, or `(B, d, L + k - 1)` for
+the 1-D conv); the MHSSM's other stages `(B, C, L)` (its module outputs are tokens `(B, L, C)` in
+the official code: transposed here), `all_around`/`x_proj`/`dt_proj` `(B, K, ., L)` in each
+direction's scan order, `selective_scan` `(B, K*C', L)`. Another implementation only has to produce
+the names it has; `compare` walks the first file's names in forward order, checks those present in
+both and lists the names found in only one file.
+
+The NumPy trace is taken from the code that runs (the fused MHSSM kernels with the default 'numba'
+backend; `trace.py`); the stages those kernels never store (`conv`, `dt_proj`, `out_norm`) are
+recomputed from the kernels' inputs while recording (docs/usage.md).
 
 A trace file is an `.npz` (no pickle) with one array per name and a JSON `__meta__` entry.
 """
@@ -31,11 +38,12 @@ from .trace import recording
 
 META = "__meta__"
 # torch modules whose outputs are tokens (B, L, C): stored transposed to (B, C, L)
-_TOKEN_MODULES = (".mamba", ".mamba.in_proj", ".mamba.out_norm", ".mamba.out_proj")
+_TOKEN_MODULES = (".mamba", ".mamba.in_proj", ".mamba.out_norm", ".mamba.gate", ".mamba.out_proj")
 
 
 def trace_numpy(model, x):
-    """Every named activation of `model(x)` (an eamamba_ref.EAMamba), in forward order."""
+    """Every named activation of `model(x)` (an eamamba_ref.EAMamba, with its backend), in forward
+    order; `result` is the model's output, bitwise the same as without tracing."""
     with recording() as rec:
         out = model(x)
     rec.values["result"] = np.asarray(out, np.float32)      # the model output, under one name for all models
@@ -90,6 +98,11 @@ def load_trace(path):
         meta = json.loads(str(f[META])) if META in f.files else {}
         order = meta.get("order") or [k for k in f.files if k != META]
         return {k: f[k] for k in order if k in f.files}, meta
+
+
+def unmatched(reference, other):
+    """(names only in `reference`, names only in `other`), each in its file's order."""
+    return [n for n in reference if n not in other], [n for n in other if n not in reference]
 
 
 def compare(reference, other, tol=1e-4):
@@ -168,6 +181,10 @@ def main(argv=None):
     if not rows:
         print("error: the two traces have no activation name in common", file=sys.stderr)
         return 2
+    for path, names in zip((args.reference, args.other), unmatched(ref, other)):
+        if names:
+            shown = names if args.all or len(names) <= 8 else names[:8] + ["..."]
+            print(f"only in {path}: {len(names)} name{'s' * (len(names) > 1)} ({', '.join(shown)})")
     for name, err, sa, sb in rows:
         if args.all or name == first:
             shape = f"{sa}" if sa == sb else f"{sa} vs {sb}"
