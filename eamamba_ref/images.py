@@ -156,7 +156,10 @@ def _read_png16(path, head, max_pixels):
     check_pixels(path, int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), max_pixels)
     with _open_pillow(path) as im:                  # only its EXIF (eXIf chunk); pypng decodes
         code = _orientation_of(im)
-    width, height, rows, info = png.Reader(filename=path).asDirect()   # palettes, tRNS -> alpha
+    reader = png.Reader(filename=path)
+    reader.preamble()
+    reader.sbit = None            # sBIT only notes the source's precision: keep the stored 16-bit values
+    width, height, rows, info = reader.asDirect()                      # tRNS -> alpha
     planes = info["planes"]
     data = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, planes)
     return orient(data, code)
@@ -302,7 +305,14 @@ def is_gray(pixels, tolerance=0.0):
 
 
 def to_batch(pixels):
-    """`(H, W, C)` -> the model's `(1, C, H, W)` float32, C-contiguous (C = 1 stays one channel)."""
+    """`(H, W, C)` -> the model's `(1, C, H, W)` float32, C-contiguous (C = 1 stays one channel).
+
+    A list of B images of one shape gives `(B, C, H, W)`."""
+    if isinstance(pixels, (list, tuple)):
+        shapes = {np.shape(p) for p in pixels}
+        if len(shapes) != 1:
+            raise ValueError(f"images of different shapes cannot form one batch: {sorted(shapes)}")
+        return np.ascontiguousarray(np.stack([np.asarray(p, np.float32) for p in pixels]).transpose(0, 3, 1, 2))
     return np.ascontiguousarray(np.asarray(pixels, np.float32).transpose(2, 0, 1)[None])
 
 

@@ -264,6 +264,14 @@ def test_gray_and_gray_alpha_stay_one_channel(tmp_path, bits, ext):
         assert np.array_equal(back.pixels, im.pixels) and (a is None or np.array_equal(back.alpha, a))
 
 
+def test_to_batch_stacks_images():
+    a, b = np.zeros((4, 5, 1), np.float32), np.ones((4, 5, 1), np.float32)
+    x = to_batch([a, b])
+    assert x.shape == (2, 1, 4, 5) and x[0].max() == 0 and x[1].min() == 1 and x.flags.c_contiguous
+    with pytest.raises(ValueError, match="different shapes"):
+        to_batch([a, np.zeros((4, 6, 1))])
+
+
 def test_is_gray():
     rgb = np.repeat(np.random.default_rng(0).random((4, 5, 1), dtype=np.float32), 3, axis=2)
     assert is_gray(rgb) and is_gray(rgb[..., :1])
@@ -326,3 +334,14 @@ def test_chunked_tiff_reader_follows_the_same_page_rule_and_refuses_what_it_cann
         with pytest.raises(ImageError, match=match) as err:
             TiffRegions(tmp_path / name)
         assert "\n" not in str(err.value)
+
+
+def test_a_16_bit_png_with_fewer_significant_bits_keeps_its_values(tmp_path):
+    """pypng writes 12-bit data as 16-bit samples scaled to the full range plus an sBIT chunk; the
+    stored 16-bit values are the image (Pillow and browsers show them), not the 12-bit originals."""
+    path = tmp_path / "sbit.png"
+    with open(path, "wb") as f:
+        png.Writer(3, 1, greyscale=True, bitdepth=12).write(f, [[0, 2048, 4095]])
+    im = read_image(path)
+    assert im.bit_depth == 16
+    np.testing.assert_allclose(im.pixels[0, :, 0], [0, 2048 / 4095, 1], atol=1 / 65535)
