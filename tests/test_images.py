@@ -82,6 +82,17 @@ def test_the_pixel_limit_is_one_number_for_every_reader(tmp_path):
         one_line_error(path, "over the limit of 59 pixels", max_pixels=59)
 
 
+def test_pillows_own_size_guard_does_not_override_ours(tmp_path, monkeypatch):
+    """Pillow refuses images over 2 x its MAX_IMAGE_PIXELS by itself; our limit is the only one."""
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10)
+    rgb = rgb_pattern(6, 10)
+    for name in ("a.png", "a.jpg", "a.gif", "a.bmp"):
+        PILImage.fromarray(rgb).save(tmp_path / name)
+        assert read_image(tmp_path / name, max_pixels=None).pixels.shape == (6, 10, 3)
+        one_line_error(tmp_path / name, "over the limit of 59 pixels", max_pixels=59)
+    assert PILImage.MAX_IMAGE_PIXELS == 10                      # put back as it was
+
+
 def test_the_command_takes_max_pixels(tmp_path, capsys):
     src = tmp_path / "a.png"
     write_image(src, rgb_pattern(6, 10) / 255.0, 8)
