@@ -73,11 +73,12 @@ def _fail(path, reason):
 def check_pixels(path, width, height, max_pixels=MAX_PIXELS):
     """Refuse (`ImageError`) an image of width x height over `max_pixels`, naming the way out."""
     if max_pixels is not None and width * height > max_pixels:
+        tiff = os.fspath(path).lower().endswith((".tif", ".tiff"))
         raise ImageError(
             f"{path}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of {max_pixels} "
             f"pixels ({max_pixels / 1e6:.1f} MP) that guards memory; to restore it anyway raise the limit "
             f"(--max-pixels N, or read_image(path, max_pixels=N)) and use --tile to bound the model's memory, "
-            f"or save it as TIFF and use --chunk, which never holds the whole image")
+            f"or {'' if tiff else 'save it as TIFF and '}use --chunk, which never holds the whole image")
 
 
 # orientation code (EXIF / TIFF tag 274) -> how to turn the stored pixels into displayed ones
