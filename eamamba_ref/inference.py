@@ -69,7 +69,8 @@ def _ramp(length, before, after):
     if before:
         w[:before] = np.sin(np.pi * (np.arange(before) + 0.5) / (2 * before)) ** 2
     if after:
-        w[length - after:] = np.minimum(w[length - after:], np.sin(np.pi * (np.arange(after, 0, -1) - 0.5) / (2 * after)) ** 2)
+        falling = np.sin(np.pi * (np.arange(after, 0, -1) - 0.5) / (2 * after)) ** 2
+        w[length - after:] = np.minimum(w[length - after:], falling)
     return w.astype(np.float32)
 
 
