@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import inference
-from .images import ImageError, read_image, to_integer, write_image
+from .images import ImageError, read_image, tiff_page, to_integer, write_image
 from .tasks import TASKS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -333,7 +333,7 @@ def halo(size, chunks, tile, overlap):
 
 
 class TiffRegions:
-    """Read rectangular regions `(h, w, C)` of the first page of a TIFF, without reading the rest.
+    """Read rectangular regions `(h, w, C)` of a TIFF's image, without reading the rest.
 
     Uncompressed contiguous files are memory-mapped; tiled or striped (and compressed) files decode
     only the tiles/strips that touch the region. Picklable (it holds the path only), so Dask
@@ -345,15 +345,24 @@ class TiffRegions:
         self.path = os.fspath(path)
         try:
             with tifffile.TiffFile(self.path) as tif:
-                pages = len(tif.pages)
-                page = tif.pages[0]
+                page = tiff_page(tif, self.path)        # one image; thumbnails are skipped
                 shape, dtype = page.shape, page.dtype
+                self.index = page.index
                 self.contiguous = page.is_contiguous and not page.is_tiled
                 self.separate = page.planarconfig == 2
+                photometric = int(page.photometric)
+                orientation = int(page.tags.valueof(274, default=1) or 1)
+        except ImageError:
+            raise
         except Exception as err:
             raise ImageError(f"{self.path}: cannot read TIFF ({type(err).__name__}: {err})") from None
-        if pages > 1:
-            raise ImageError(f"{self.path}: holds {pages} pages; chunked restore reads single-image TIFFs")
+        if photometric not in (1, 2):                # chunks are restored as stored: gray or RGB only
+            kind = {0: "min-is-white", 3: "palette", 5: "CMYK"}.get(photometric, f"photometric {photometric}")
+            raise ImageError(f"{self.path}: chunked restore reads gray or RGB TIFFs, this one is {kind}: "
+                             f"save it as RGB (or restore it without --chunk)")
+        if orientation != 1:                         # read_image turns it upright; chunks cannot
+            raise ImageError(f"{self.path}: chunked restore reads upright TIFFs, this one has orientation "
+                             f"{orientation}: rotate it first (or restore it without --chunk)")
         if page.is_tiled and getattr(page, "tiledepth", 1) > 1 or len(shape) not in (2, 3):
             raise ImageError(f"{self.path}: unsupported TIFF layout {shape} (2-D images only)")
         if len(shape) == 3 and self.separate:                # (C, H, W) planes
@@ -370,7 +379,7 @@ class TiffRegions:
         x0, x1, _ = xs.indices(self.shape[1])
         if self.contiguous:
             import tifffile
-            mm = tifffile.memmap(self.path, mode="r")
+            mm = tifffile.memmap(self.path, page=self.index, mode="r")
             region = np.array(mm[y0:y1, x0:x1] if not self.separate else np.moveaxis(mm[:, y0:y1, x0:x1], 0, -1))
             del mm
         else:
@@ -382,7 +391,7 @@ class TiffRegions:
         import tifffile
         out = np.zeros((y1 - y0, x1 - x0, self.shape[2]), self.dtype)
         with tifffile.TiffFile(self.path) as tif:
-            page = tif.pages[0]
+            page = tif.pages[self.index]
             H, W, C = self.shape
             if page.is_tiled:
                 sh, sw = page.tilelength, page.tilewidth

@@ -22,7 +22,7 @@ import numpy as np
 from . import inference, ssm
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .images import Image, ImageError, read_image, write_image
+from .images import MAX_PIXELS, Image, ImageError, check_output, read_image, write_image
 from .layers import bicubic_upsample
 from .loading import load
 from .tasks import TASKS
@@ -105,7 +105,7 @@ def add_noise(image: Image, sigma, seed):
 
 def default_output(input_path, task, out_dir=None):
     root, ext = os.path.splitext(os.path.basename(input_path))
-    ext = ".png" if ext.lower() in (".jpg", ".jpeg") else ext    # no second lossy encoding
+    ext = ext if ext.lower() in (".png", ".tif", ".tiff") else ".png"   # no second lossy encoding; .gif, .bmp, ...: PNG
     return os.path.join(out_dir or os.path.dirname(os.path.abspath(input_path)), f"{root}_{task.name}{ext}")
 
 
@@ -191,6 +191,8 @@ def main(argv=None):
     ap.add_argument("--ensemble", action="store_true", help="average over the 4 flips (official self-ensemble)")
     ap.add_argument("--backend", choices=["numpy", "numba", "cuda"], help="cuda: the whole model on the GPU; numba / numpy: CPU kernels (default: fastest available)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                    help=f"refuse larger images before decoding them (default {MAX_PIXELS}, 8192x8192)")
     ap.add_argument("--list-tasks", action="store_true", help="list the tasks and their weights, then exit")
     # cluster mode (eamamba_ref.distributed): on for folders/globs, --scheduler, --workers or --chunk
     ap.add_argument("--scheduler", help="Dask scheduler address, or 'local' (default for folders/globs)")
@@ -229,7 +231,7 @@ def main(argv=None):
 
 
 def restore_files(task, model, paths, args):
-    images = [read_image(p) for p in paths]
+    images = [read_image(p, getattr(args, "max_pixels", MAX_PIXELS)) for p in paths]
     if len(images) == 2 and images[0].pixels.shape != images[1].pixels.shape:
         raise RestoreError(f"the two dual-pixel views differ in size: {images[0].pixels.shape} vs {images[1].pixels.shape}")
     if args.sigma is not None:
@@ -241,10 +243,8 @@ def restore_files(task, model, paths, args):
         if args.output:
             os.makedirs(args.output, exist_ok=True)
         out_path = default_output(paths[0], task, args.output)
-    if os.path.abspath(out_path) in {os.path.abspath(p) for p in paths}:
-        raise RestoreError(f"{out_path} is an input file; refusing to overwrite it")
-    if os.path.exists(out_path) and not args.overwrite:
-        raise RestoreError(f"{out_path} exists; refusing to overwrite it (pass --overwrite)")
+    # format, folder, input, existing file: refused now, not after the computation
+    check_output(out_path, paths, args.overwrite, first.bit_depth, first.alpha is not None)
     x = to_model_input(images, task)
     H, W = x.shape[2:]
     total = inference.n_tiles(H, W, args.tile, args.tile_overlap) * (4 if args.ensemble else 1)
