@@ -54,7 +54,7 @@ def trace_torch(module, x):
                 v = out.detach().float().cpu().numpy()
                 if name.endswith(_TOKEN_MODULES) and v.ndim == 3:
                     v = v.transpose(0, 2, 1)
-                values[name] = np.ascontiguousarray(v)
+                values[name] = np.array(v, order="C")     # a copy: a later in-place op (ReLU) must not change it
         return fn
 
     for name, mod in module.named_modules():

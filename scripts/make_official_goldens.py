@@ -296,7 +296,7 @@ def main(argv=None):
             io[f"x{i}"], io[f"y{i}"] = x, y
             if name == "eamamba" and not margs.get("dual_pixel_task"):
                 ratios.append(float(np.abs(y - x).max() / np.abs(y).max()))
-        np.savez_compressed(os.path.join(folder, "io.npz"), **io)
+        np.savez(os.path.join(folder, "io.npz"), **io)
         files = ["checkpoint.pth", "weights.npz", "io.npz"]
         if with_trace:
             x = io[f"x{len(shapes) - 1}"]
@@ -311,7 +311,7 @@ def main(argv=None):
         print(f"{cid:28s} {name:9s} {n_params:6d} params  inputs {shapes}", flush=True)
 
     tables, keys = scan_permutations(models)
-    np.savez_compressed(os.path.join(args.out, "scans.npz"), **tables)
+    np.savez(os.path.join(args.out, "scans.npz"), **tables)
     manifest = {
         "official": {"repository": "github.com/daidaijr/EAMamba",
                      "commit": official_commit(args.official, args.commit)},
