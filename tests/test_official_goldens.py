@@ -138,3 +138,12 @@ def test_oracle_cli_compares_against_a_golden_trace(tmp_path, capsys):
     assert oracle.main(["run", path(case, "weights.npz"), "--input", path(case, "trace.npz"), "-o", mine]) == 0
     assert oracle.main(["compare", path(case, "trace.npz"), mine, "--tol", str(NUMPY_TOL)]) == 0
     assert "agree:" in capsys.readouterr().out
+
+
+def test_golden_sr_trace_holds_the_conv_output_before_the_in_place_leaky_relu():
+    """The official `conv_before_upsample` is Conv2d then LeakyReLU(inplace=True): the trace must hold
+    the conv's output as it was, not the activated tensor the in-place op left in its memory."""
+    values, _ = oracle.load_trace(path("scan-diagonal-8-concate", "trace.npz"))
+    conv, act = values["conv_before_upsample.0"], values["conv_before_upsample.1"]
+    assert (conv < 0).any()
+    np.testing.assert_allclose(act, np.where(conv >= 0, conv, 0.01 * conv), rtol=1e-6, atol=0)
