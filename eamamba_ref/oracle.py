@@ -62,7 +62,7 @@ def trace_torch(module, x):
                 v = out.detach().float().cpu().numpy()
                 if name.endswith(_TOKEN_MODULES) and v.ndim == 3:
                     v = v.transpose(0, 2, 1)
-                values[name] = np.ascontiguousarray(v)
+                values[name] = np.array(v, order="C")     # a copy: a later in-place op (ReLU) must not change it
         return fn
 
     for name, mod in module.named_modules():
@@ -144,7 +144,8 @@ def main(argv=None):
     run.add_argument("weights", help="official .pth, bare state dict or converted .npz")
     run.add_argument("--impl", choices=["numpy", "torch"], default="numpy",
                      help="numpy (this project) or torch (the PyTorch reference on the same weights)")
-    run.add_argument("--input", help="an image file (otherwise a seeded random input of --shape)")
+    run.add_argument("--input", help="an image file, or a trace .npz whose 'input' to run on "
+                     "(otherwise a seeded random input of --shape)")
     run.add_argument("--shape", type=int, nargs=4, default=[1, 3, 32, 32], metavar=("B", "C", "H", "W"))
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("-o", "--output", required=True)
@@ -162,7 +163,12 @@ def main(argv=None):
     try:
         if args.cmd == "run":
             model = load(args.weights)
-            if args.input:
+            if args.input and args.input.endswith(".npz"):     # another trace: run on its input
+                traced, _ = load_trace(args.input)
+                if "input" not in traced:
+                    raise ValueError(f"{args.input}: trace has no 'input' array")
+                x = traced["input"]
+            elif args.input:
                 px = read_image(args.input).pixels
                 x = np.ascontiguousarray(np.repeat(px, 3, 2) if px.shape[2] == 1 else px).transpose(2, 0, 1)[None]
             else:
