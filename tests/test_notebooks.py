@@ -8,6 +8,7 @@ random weights, so these tests pass in either case (set EAMAMBA_DEMO_WEIGHTS to 
 """
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
@@ -48,6 +49,33 @@ def test_notebook_runs_top_to_bottom(path):
     assert not errors
     # every notebook draws something: at least one figure came back from the kernel
     assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+
+
+# README, docs/ and the notebooks speak to users: no words about how the project was made (its work sessions,
+# its internal issues and notes, paths of the machines it was made on). A bug of the official code is "a bug
+# reported upstream", not "issue 4".
+FORBIDDEN = [r"\bsessions?\b", r"\bthe issues?\b", r"\bissue'?s?\s*#?\s*\d+", r"\bissue's\b", r"FACTS\.md",
+             r"\.\./shared\b", r"/work/", r"closing note"]
+USER_FACING = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted(NOTEBOOK_DIR.glob("*.md")), *NOTEBOOKS]
+
+
+def test_user_facing_text_does_not_talk_about_how_it_was_made():
+    hits = []
+    for path in USER_FACING:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for pattern in FORBIDDEN:
+                if re.search(pattern, line, re.IGNORECASE):
+                    hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert not hits, "user-facing text mentions the project's making:\n" + "\n".join(hits)
+
+
+def test_the_wording_check_catches_what_it_should():
+    bad = ["over two sessions", "the issue's targets", "upstream issue 4", "see issue #12", "FACTS.md",
+           "../shared/data/Kodak24", "/work/shared/x", "in the closing note", "as the issue says"]
+    good = ["a bug reported upstream", "a folder of training images (e.g. CBSD432)", "the official code",
+            "tissue", "measured on a 2-core CPU"]
+    assert all(any(re.search(p, text, re.IGNORECASE) for p in FORBIDDEN) for text in bad)
+    assert not any(re.search(p, text, re.IGNORECASE) for p in FORBIDDEN for text in good)
 
 
 def _make_figures():
