@@ -1,8 +1,11 @@
-"""The teaching notebooks run top to bottom; they are committed without outputs; the figures script works.
+"""The teaching notebooks run top to bottom; they are committed without outputs; the figures script works;
+the set-up installs a Jupyter front-end; README, docs/ and notebooks/ speak to users.
 
 Each notebook in notebooks/ is executed with nbclient in a fresh kernel of this interpreter (working
 directory notebooks/, as a reader opening it there), with a per-cell timeout. An exception in any cell
-fails the test and shows that cell's traceback; outputs are never written back to the files.
+fails the test and shows that cell's traceback -- including the notebooks' own asserts, which check every
+numeric comparison against its tolerance and the statements their text makes; outputs are never written
+back to the files.
 Notebooks 3 and 4 use the bundled demo weights when they exist and say so when they fall back to
 random weights, so these tests pass in either case (set EAMAMBA_DEMO_WEIGHTS to try other weights).
 """
@@ -76,6 +79,24 @@ def test_the_wording_check_catches_what_it_should():
             "tissue", "measured on a 2-core CPU"]
     assert all(any(re.search(p, text, re.IGNORECASE) for p in FORBIDDEN) for text in bad)
     assert not any(re.search(p, text, re.IGNORECASE) for p in FORBIDDEN for text in good)
+
+
+def _install_extras(text):
+    found = re.findall(r'pip install (?:--quiet )?-e "\.\[([^\]]*)\]"', text)
+    assert len(found) == 1, found
+    return found[0].split(",")
+
+
+def test_the_set_up_installs_a_jupyter_front_end_and_ci_installs_the_same():
+    readme = _install_extras((ROOT / "README.md").read_text(encoding="utf-8"))
+    ci = _install_extras((ROOT / ".ci" / "run").read_text(encoding="utf-8"))
+    assert readme == ci
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    for extra in readme:
+        assert re.search(rf"^{extra} = \[", pyproject, re.MULTILINE), f"no extra {extra!r} in pyproject.toml"
+    notebooks = re.search(r"^notebooks = \[(.*?)\]", pyproject, re.MULTILINE | re.DOTALL)
+    assert "notebooks" in readme and notebooks and "jupyterlab" in notebooks[1] and "nbconvert" in notebooks[1]
+    assert "jupyter lab notebooks/" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def _make_figures():
