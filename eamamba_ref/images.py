@@ -7,10 +7,11 @@ would be a silently wrong image.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+
+from .atomic import atomic_output, check_destination
 
 
 class ImageError(ValueError):
@@ -60,13 +61,6 @@ def _decode(path):
     return iio.imread(path)
 
 
-def _default_permissions(path):
-    """mkstemp creates 0600 files; give the output the permissions a plain open() would (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def read_image(path):
     """Decode `path` into an `Image`; one-line `ImageError` for anything that is not a usable image."""
     path = os.fspath(path)
@@ -104,16 +98,15 @@ def to_integer(pixels, bit_depth):
 def write_image(path, pixels, bit_depth=8, alpha=None, overwrite=False):
     """Encode float `(H, W, C)` pixels (C = 1 or 3) in [0, 1] to `path`, atomically.
 
-    The file appears complete or not at all (temp file in the same folder, then rename). An existing
-    file is never replaced unless `overwrite`. `alpha` `(H, W)` is appended as stored (its size must
+    The file appears complete or not at all (`atomic.atomic_output`). An existing file is never
+    replaced unless `overwrite`. `alpha` `(H, W)` is appended as stored (its size must
     match). The format follows the extension: .png, .jpg/.jpeg (8-bit only), .tif/.tiff.
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
         raise ImageError(f"{path}: unsupported output format {ext or '(none)'} (use .png, .jpg or .tif)")
-    if os.path.exists(path) and not overwrite:
-        raise ImageError(f"{path} exists; refusing to overwrite it (pass --overwrite)")
+    check_destination(path, overwrite, error=ImageError)     # before encoding: fail fast
     if ext in (".jpg", ".jpeg") and (bit_depth != 8 or alpha is not None):
         raise ImageError(f"{path}: JPEG holds 8-bit images without alpha; write .png or .tif instead")
     data = to_integer(pixels, bit_depth)
@@ -124,11 +117,7 @@ def write_image(path, pixels, bit_depth=8, alpha=None, overwrite=False):
     if data.shape[2] == 1:
         data = data[..., 0]
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".eamamba-", suffix=ext, dir=directory)
-    os.close(fd)
-    _default_permissions(tmp)
-    try:
+    with atomic_output(path, overwrite, error=ImageError) as tmp:
         if ext in (".tif", ".tiff"):
             import tifffile
             tifffile.imwrite(tmp, data)
@@ -141,13 +130,3 @@ def write_image(path, pixels, bit_depth=8, alpha=None, overwrite=False):
             import imageio.v3 as iio
             kwargs = {"quality": 95} if ext in (".jpg", ".jpeg") else {}
             iio.imwrite(tmp, data, extension=ext, **kwargs)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)           # fails if `path` appeared meanwhile: never clobber
-            os.remove(tmp)
-    except FileExistsError:
-        raise ImageError(f"{path} exists; refusing to overwrite it (pass --overwrite)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
