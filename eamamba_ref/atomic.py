@@ -8,7 +8,9 @@ permissions a plain `open()` would give it (0666 less the umask), not mkstemp's 
 """
 from __future__ import annotations
 
+import contextvars
 import errno
+import glob
 import os
 import tempfile
 from contextlib import contextmanager
@@ -16,6 +18,29 @@ from contextlib import contextmanager
 from .errors import CommandError
 
 TEMP_PREFIX = ".eamamba-"
+# A batch run tags its temporary files, so that after an interruption (a worker process killed
+# mid-write cannot clean up) it can remove exactly its own leftovers and no other run's.
+_TAG = contextvars.ContextVar("eamamba_temp_tag", default="")
+
+
+@contextmanager
+def tagged(tag):
+    """Temporary files created in this block (this thread) carry `tag` in their names."""
+    token = _TAG.set(f"{tag}-" if tag else "")
+    try:
+        yield
+    finally:
+        _TAG.reset(token)
+
+
+def remove_temporaries(folders, tag):
+    """Remove the temporary files `tagged(tag)` left in `folders` (after an interrupted run)."""
+    for folder in set(folders):
+        for path in glob.glob(os.path.join(glob.escape(folder), f"{TEMP_PREFIX}{tag}-*")):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 def _umask_permissions(path):
@@ -79,7 +104,7 @@ def atomic_output(path, overwrite=False, suffix=None, error=CommandError):
     folder = os.path.dirname(os.path.abspath(path))
     suffix = os.path.splitext(path)[1] if suffix is None else suffix
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + _TAG.get(), suffix=suffix, dir=folder)
     except OSError as err:
         raise _named(err, path) from None
     os.close(fd)

@@ -23,6 +23,8 @@ import glob
 import logging
 import math
 import os
+import secrets
+import signal
 import sys
 import threading
 import warnings
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import inference
-from .atomic import atomic_output, check_writable
+from .atomic import atomic_output, check_writable, remove_temporaries, tagged
 from .errors import Interrupted, RestoreError, one_line
 from .images import ImageError, read_image, to_integer, write_image
 from .tasks import TASKS
@@ -71,16 +73,16 @@ def connect(scheduler=None, workers=None):
         if n < 1:
             raise RestoreError(f"--workers must be >= 1, got {n}")
         env = {"NUMBA_NUM_THREADS": str(max(1, cores // n))}
-        with warnings.catch_warnings():     # another cluster holds the default HTTP port: any port will do
-            warnings.filterwarnings("ignore", message="Port .* is already in use")
-            cluster = dd.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                      env=env)
+        cluster = client = None
         try:
+            with warnings.catch_warnings(), _ctrl_c_for_this_process_only():
+                # another cluster holds the default HTTP port: any port will do
+                warnings.filterwarnings("ignore", message="Port .* is already in use")
+                # silence_logs: the workers' and nannies' WARNINGs are shutdown noise here (a task
+                # cancelled by Ctrl-C, a slow worker killed at the end); errors are still shown
+                cluster = dd.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                          dashboard_address=None, env=env, silence_logs=logging.ERROR)
             client = dd.Client(cluster)
-        except BaseException:
-            cluster.close()
-            raise
-        try:
             yield client
         finally:
             _close_quietly(client, cluster)
@@ -98,6 +100,27 @@ def connect(scheduler=None, workers=None):
             client.close()
 
 
+@contextmanager
+def _ctrl_c_for_this_process_only():
+    """Start worker processes that ignore Ctrl-C (SIGINT); this process keeps it.
+
+    The terminal sends Ctrl-C to the whole process group, workers included; a worker interrupted
+    while it imports or runs prints its own traceback and leaves the cluster half-dead. An ignored
+    signal stays ignored across exec (and Python then installs no KeyboardInterrupt handler), so
+    SIGINT is ignored while the workers are spawned, then this process's handler is put back: it
+    alone turns Ctrl-C into KeyboardInterrupt and closes the cluster, whose nannies end the workers.
+    The price: a Ctrl-C during the cluster's start-up (seconds) is not seen; press it again.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield                               # signal handlers can only be changed from the main thread
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _close_quietly(client, cluster):
     """Close the client, then the cluster and its workers.
 
@@ -109,8 +132,10 @@ def _close_quietly(client, cluster):
     level = nanny.level
     nanny.setLevel(logging.ERROR)
     try:
-        client.close()
-        cluster.close()
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
     finally:
         nanny.setLevel(level)
 
@@ -148,6 +173,7 @@ class Settings:
     sigma: float | None = None
     seed: int = 0
     overwrite: bool = False
+    run_tag: str = ""           # names this run's temporary files (see atomic.tagged)
 
 
 @dataclass
@@ -222,7 +248,8 @@ def restore_one(src, dst, settings: Settings):
         out, alpha = from_model_output(y, image, 1 if task.pre_upsample else task.scale)
         if task.pre_upsample and alpha is not None:
             alpha = np.repeat(np.repeat(alpha, task.scale, 0), task.scale, 1)
-        write_image(dst, out, image.bit_depth, alpha, overwrite=settings.overwrite)
+        with tagged(settings.run_tag):
+            write_image(dst, out, image.bit_depth, alpha, overwrite=settings.overwrite)
         return ("written", src, dst, "")
     except ImageError as err:
         if "exists" in str(err) and os.path.exists(dst):     # another run wrote it meanwhile
@@ -597,6 +624,17 @@ def run_command(task, args, backend):
         if not os.path.isdir(folder):
             raise RestoreError(f"output folder {folder} does not exist")
         check_writable(folder)             # read-only or full: one line now, not one failure per image
+    if not args.overwrite and all(os.path.exists(dst) for _, dst in pairs):
+        print(summary(BatchReport(skipped=pairs)))      # a finished rerun: no cluster to start
+        return 0
+    tag = f"run{os.getpid()}x{secrets.token_hex(3)}"
+    try:
+        return _run_on_cluster(task, args, backend, paths, pairs, out_dir, tag)
+    finally:                                # a worker killed mid-write (Ctrl-C) leaves its temp file
+        remove_temporaries([os.path.dirname(os.path.abspath(dst)) for _, dst in pairs], tag)
+
+
+def _run_on_cluster(task, args, backend, paths, pairs, out_dir, tag):
     with connect(args.scheduler, args.workers) as client:
         if args.chunk:                      # one large image after the other, each over the whole cluster
             report = BatchReport()
@@ -618,7 +656,7 @@ def run_command(task, args, backend):
             return 0 if report.ok else 1
         settings = Settings(task=task.name, weights=args.weights, backend=backend, tile=args.tile,
                             overlap=args.tile_overlap, ensemble=args.ensemble, sigma=args.sigma, seed=args.seed,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, run_tag=tag)
         report = restore_batch(paths, settings, client, out_dir)
     print(summary(report))
     return 0 if report.ok else 1
