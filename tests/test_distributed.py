@@ -224,6 +224,17 @@ def test_ctrl_c_in_folder_mode_says_what_is_done(tmp_path, unet, client, capsys,
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
 
+def test_weights_are_loaded_once_per_worker_process(tmp_path, unet, client, monkeypatch):
+    loads = []
+    real = restore.load_task_model
+    monkeypatch.setattr(restore, "load_task_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(dist, "_MODELS", {})              # both in-process workers share this process
+    folder = make_folder(tmp_path / "in", corrupt=False)
+    report = dist.restore_batch(dist.find_images([str(folder)]), dist.Settings(weights=unet), client,
+                                str(tmp_path / "out"), progress=False)
+    assert len(report.written) == 3 and len(loads) == 1
+
+
 def test_two_inputs_with_the_same_output_are_refused(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     with pytest.raises(restore.RestoreError, match="both be written"):
