@@ -51,22 +51,23 @@ def _umask_permissions(path):
 
 
 def check_destination(path, overwrite=False, inputs=(), error=CommandError):
-    """One-line `error` if `path` cannot be (or must not be) written; call before long work.
+    """Raise if `path` cannot be (or must not be) written; call it before long work.
 
-    Refuses: one of `inputs` (never overwrite an input, even with `overwrite`), a folder, an
-    existing file without `overwrite`, and a missing destination folder.
+    `error` (a one-line message) for one of `inputs` (never overwritten, even with `overwrite`) and
+    for an existing file without `overwrite`; IsADirectoryError for a folder, FileNotFoundError for
+    a missing destination folder (both naming `path`).
     """
     path = os.fspath(path)
     full = os.path.abspath(path)
     if any(full == os.path.abspath(os.fspath(p)) for p in inputs):
         raise error(f"{path} is an input file; refusing to overwrite it")
     if os.path.isdir(path):
-        raise error(f"{path} is a folder, not an output file")
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not an output file", path)
     if os.path.lexists(path) and not overwrite:
         raise error(f"{path} exists; refusing to overwrite it (pass --overwrite)")
     folder = os.path.dirname(full)
     if not os.path.isdir(folder):
-        raise error(f"{path}: output folder {folder} does not exist")
+        raise FileNotFoundError(errno.ENOENT, f"output folder {folder} does not exist", path)
 
 
 def check_writable(folder):
@@ -130,8 +131,9 @@ def _publish(tmp, path, overwrite):
         os.link(tmp, path)             # fails if `path` appeared meanwhile: never clobber
     except FileExistsError:
         raise
-    except OSError as err:             # a file system without hard links: check, then rename
-        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+    except (OSError, NotImplementedError) as err:      # a file system without hard links: check, then rename
+        if isinstance(err, OSError) and err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP,
+                                                          errno.EXDEV, errno.EMLINK):
             raise
         if os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, "File exists", path) from None

@@ -167,6 +167,17 @@ def test_folder_and_cluster_requests_fail_with_one_line_before_the_cluster_start
     assert files_in(tmp_path) == before
 
 
+def test_an_unwritable_out_folder_is_one_line_before_the_cluster_starts(tmp_path, unet, capsys, monkeypatch):
+    from eamamba_ref import atomic
+    from test_restore import read_only_folder
+    folder = make_folder(tmp_path / "in", corrupt=False)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only_folder)      # as on a read-only mount
+    assert restore.main([str(folder), "--weights", unet, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'out'}: Read-only file system"
+    assert files_in(tmp_path / "out") == []
+
+
 def test_errors_under_python_dash_m_are_one_line(tmp_path, unet):
     """`python -m eamamba_ref.restore` runs restore.py as __main__: its errors must still be caught."""
     import subprocess
