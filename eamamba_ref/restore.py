@@ -277,7 +277,8 @@ def main(argv=None):
 def check_numbers(args):
     """The numeric options' ranges (one-line errors before anything starts)."""
     if args.tile is not None and (args.tile < 8 or not 0 <= args.tile_overlap < args.tile):
-        raise RestoreError(f"--tile must be >= 8 and --tile-overlap in [0, tile), got {args.tile}, {args.tile_overlap}")
+        raise RestoreError(f"--tile must be >= 8 and --tile-overlap in [0, tile), got --tile {args.tile} and "
+                           f"--tile-overlap {args.tile_overlap} (default 32)")
     if args.workers is not None and args.workers < 1:
         raise RestoreError(f"--workers must be >= 1, got {args.workers}")
     if args.chunk is not None and args.chunk < 1:
