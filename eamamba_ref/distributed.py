@@ -85,7 +85,7 @@ def connect(scheduler=None, workers=None):
             client = dd.Client(cluster)
             yield client
         finally:
-            _close_quietly(client, cluster)
+            _close(client, cluster)
     else:
         if workers is not None:
             raise RestoreError("--workers sizes a local cluster; a running scheduler brings its own workers")
@@ -118,26 +118,19 @@ def _ctrl_c_for_this_process_only():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, signal.default_int_handler if old is None else old)
 
 
-def _close_quietly(client, cluster):
-    """Close the client, then the cluster and its workers.
+def _close(client, cluster):
+    """Close the client, then the cluster and its workers (either may be None: start-up failed).
 
-    A worker process that is slow to exit (a busy machine) is killed by its nanny after a few
-    seconds, which distributed logs as a WARNING ("still alive ..., killing") although every
-    result is already written; during this shutdown only the nanny's errors are shown.
-    """
-    nanny = logging.getLogger("distributed.nanny")
-    level = nanny.level
-    nanny.setLevel(logging.ERROR)
-    try:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
-    finally:
-        nanny.setLevel(level)
+    A worker that is slow to exit (a busy machine) is killed by its nanny, which distributed logs
+    as a WARNING although every result is already written: `silence_logs=logging.ERROR` above
+    keeps that quiet until the cluster is closed."""
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 _MODELS = {}
@@ -513,8 +506,8 @@ def check_chunked(task, chunk, tile, overlap):
     """Validate a chunked-restore request (`RestoreError`); returns the chunk size to use."""
     if task.inputs != 1 or task.pre_upsample:
         raise RestoreError(f"task '{task.name}' cannot be restored chunk by chunk "
-                             + ("(it takes two views)" if task.inputs != 1 else
-                                "(its bicubic pre-upsampling needs the whole image)"))
+                           + ("(it takes two views)" if task.inputs != 1 else
+                              "(its bicubic pre-upsampling needs the whole image)"))
     if tile is None or tile < 8 or not 0 <= overlap < tile:
         raise RestoreError(f"chunked restore needs --tile >= 8 and --tile-overlap in [0, tile), got {tile}, {overlap}")
     chunk = chunk or max(tile, 8 * (tile - overlap))

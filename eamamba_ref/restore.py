@@ -267,6 +267,9 @@ def main(argv=None):
     if task.inputs == 2 and len(args.inputs) != 2:
         raise RestoreError(f"task '{task.name}' takes exactly two inputs (left and right dual-pixel views), "
                            f"got {len(args.inputs)}")
+    for path in args.inputs:            # before the outputs: "no such file" says more than "no such folder"
+        if not os.path.isfile(path):
+            raise ImageError(f"{path}: no such file")
     plan = plan_outputs(groups, task, args.output)
     check_outputs(plan, args.overwrite)
     for group, out_path in plan:

@@ -187,6 +187,7 @@ def test_super_resolution_scales_image_and_alpha(tmp_path):
     (["--weights", "nope.npz", "IMG"], "no such weights"),
     (["--weights", "UNET", "NOTIMG"], "cannot read image"),
     (["--weights", "UNET", "IMG", "--tile", "4"], "--tile"),
+    (["--weights", "UNET", "IMG", "nofolder/b.png"], "nofolder/b.png: no such file"),   # not "no output folder"
 ])
 def test_bad_requests_are_one_line_errors(tmp_path, unet, capsys, args, match):
     img = tmp_path / "img.png"
