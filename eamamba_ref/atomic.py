@@ -1,10 +1,11 @@
 """Writing output files safely: complete or not at all, never over a file unless asked.
 
-Every command's writer (images, chunked TIFFs, oracle traces, evaluation CSVs, figures) goes through
-`atomic_output`: the data is written to a hidden temporary file in the destination folder, which is
-then moved into place. Without `overwrite` the move is a hard link, which fails if the destination
-appeared meanwhile, so a file created by someone else is never clobbered. The file gets the
-permissions a plain `open()` would give it (0666 less the umask), not mkstemp's 0600.
+Every writer (images, chunked TIFFs, converted checkpoints, oracle traces, evaluation CSVs,
+figures) goes through `atomic_output`: the data is written to a hidden temporary file in the
+destination folder, which is then moved into place. Without `overwrite` the move is a hard link,
+which fails if the destination appeared meanwhile, so a file created by someone else is never
+clobbered. The file gets the permissions a plain `open()` would give it (0666 less the umask), not
+mkstemp's 0600.
 """
 from __future__ import annotations
 
@@ -43,11 +44,24 @@ def remove_temporaries(folders, tag):
                 pass
 
 
-def _umask_permissions(path):
-    """mkstemp creates 0600 files; give the output the permissions a plain open() would (umask)."""
+def _umask():
+    """The process's umask. Linux shows it in /proc; elsewhere it can only be read by setting it,
+    which briefly gives other threads a umask of 0."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
+
+
+def _umask_permissions(path):
+    """mkstemp creates 0600 files; give the output the permissions a plain open() would (umask)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def check_destination(path, overwrite=False, inputs=(), error=CommandError):

@@ -355,3 +355,37 @@ def test_evaluate_never_replaces_a_csv(tmp_path, capsys):
     assert csv_path.read_text().startswith("image,method,psnr,ssim,seconds")
     assert (csv_path.stat().st_mode & 0o777) == umask_mode()
     assert files_in(tmp_path) == ["data/x.png", "results.csv"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.booleans(), st.booleans(), st.binary(max_size=64)), min_size=1, max_size=6))
+def test_atomic_output_holds_the_last_complete_permitted_write(steps):
+    """Any sequence of writes (overwrite or not, failing midway or not): the file holds the bytes of
+    the last write that was allowed and completed, or does not exist; no temporary file remains."""
+    import os
+    import tempfile
+
+    from eamamba_ref.atomic import atomic_output
+    from eamamba_ref.errors import CommandError
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/out.bin"
+        want = None
+        for overwrite, fail, data in steps:
+            allowed = want is None or overwrite
+            try:
+                with atomic_output(path, overwrite) as tmp:
+                    with open(tmp, "wb") as f:
+                        f.write(data[: len(data) // 2])
+                        if fail:
+                            raise RuntimeError("writer failed midway")
+                        f.write(data[len(data) // 2:])
+            except CommandError:
+                assert not allowed
+            except RuntimeError:
+                assert allowed and fail
+            else:
+                assert allowed and not fail
+                want = data
+            assert os.listdir(folder) == ([] if want is None else ["out.bin"])
+            if want is not None:
+                assert open(path, "rb").read() == want
