@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
+from .atomic import atomic_output
 from .pth_reader import CheckpointError, LazyTensor, read_pth
 
 __all__ = [
@@ -139,44 +139,20 @@ def save_converted(path, name, args, state_dict, meta=None, *, overwrite: bool =
     if not overwrite and os.path.lexists(path):
         raise CheckpointExistsError(f"{path} exists; pass overwrite=True to replace it")
 
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
-    # os.open with O_EXCL (not mkstemp) so the file gets the usual umask-based permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_output(path, overwrite, suffix=".tmp", error=CheckpointExistsError) as tmp:
+        with open(tmp, "wb") as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 _write_npy(zf, HEADER_KEY, np.array(header))
                 for key, arr in arrays.items():
                     _write_npy(zf, key, arr)
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp, path, overwrite)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_npy(zf: zipfile.ZipFile, key: str, arr: np.ndarray) -> None:
     # What np.savez does, minus its keyword-argument API (a key named 'file' would clash with it).
     with zf.open(key + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array(f, arr, allow_pickle=False)
-
-
-def _publish(tmp: str, path: str, overwrite: bool) -> None:
-    """Move the finished temp file to ``path``; without ``overwrite`` a hard link creates ``path``
-    atomically only if it does not exist, so a file created meanwhile is not clobbered."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise CheckpointExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-    except (OSError, NotImplementedError):  # file system without hard links: check, then rename
-        if os.path.lexists(path):
-            raise CheckpointExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-        os.replace(tmp, path)
 
 
 def load_converted(path) -> ConvertedCheckpoint:

@@ -20,10 +20,12 @@ machine that is automatic; on a multi-machine cluster use a shared filesystem.
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
+import secrets
+import signal
 import sys
-import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
@@ -32,13 +34,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import inference
+from .atomic import atomic_output, check_writable, remove_temporaries, tagged
+from .errors import Interrupted, RestoreError, one_line
 from .images import ImageError, read_image, tiff_page, to_integer, write_image
 from .tasks import TASKS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DASK_EXTRA = 'pip install "eamamba_ref[dask]"'
+CONNECT_TIMEOUT = 5         # seconds to reach a running scheduler (distributed's default, 30 s, is long for a typo)
 
 
 # --------------------------------------------------------------------------- the cluster
+def require_dask():
+    """The `distributed` package, or a one-line `RestoreError` naming the extra that installs it."""
+    try:
+        import dask  # noqa: F401
+        import distributed
+    except ImportError as err:
+        raise RestoreError(f"folders, globs, --scheduler, --workers and --chunk run on Dask, which is not "
+                           f"installed (no module {err.name or 'distributed'!r}): {DASK_EXTRA}") from None
+    return distributed
+
+
 @contextmanager
 def connect(scheduler=None, workers=None):
     """A `distributed.Client`, closed (with its cluster) on exit.
@@ -46,35 +63,74 @@ def connect(scheduler=None, workers=None):
     scheduler: None or 'local' starts a LocalCluster of `workers` processes (default: one per CPU
     core), one thread each, with the Numba threads split between them so that the workers do not
     oversubscribe the cores; anything else is the address of a running scheduler
-    ('tcp://host:8786'), whose workers are used as they are.
+    ('tcp://host:8786'), whose workers are used as they are; one that cannot be reached within
+    `CONNECT_TIMEOUT` seconds is a `RestoreError`.
     """
-    from distributed import Client, LocalCluster
-
-    from .restore import RestoreError
+    dd = require_dask()
     if scheduler in (None, "local"):
         cores = os.cpu_count() or 1
         n = cores if workers is None else workers
         if n < 1:
             raise RestoreError(f"--workers must be >= 1, got {n}")
         env = {"NUMBA_NUM_THREADS": str(max(1, cores // n))}
-        with warnings.catch_warnings():     # another cluster holds the default HTTP port: any port will do
-            warnings.filterwarnings("ignore", message="Port .* is already in use")
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   env=env)
-        client = Client(cluster)
+        cluster = client = None
         try:
+            with warnings.catch_warnings(), _ctrl_c_for_this_process_only():
+                # another cluster holds the default HTTP port: any port will do
+                warnings.filterwarnings("ignore", message="Port .* is already in use")
+                # silence_logs: the workers' and nannies' WARNINGs are shutdown noise here (a task
+                # cancelled by Ctrl-C, a slow worker killed at the end); errors are still shown
+                cluster = dd.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                          dashboard_address=None, env=env, silence_logs=logging.ERROR)
+            client = dd.Client(cluster)
             yield client
         finally:
-            client.close()
-            cluster.close()
+            _close(client, cluster)
     else:
         if workers is not None:
             raise RestoreError("--workers sizes a local cluster; a running scheduler brings its own workers")
-        client = Client(scheduler)
+        try:
+            client = dd.Client(scheduler, timeout=CONNECT_TIMEOUT)
+        except (OSError, ValueError, TypeError) as err:      # refused, timed out, not an address
+            raise RestoreError(f"cannot connect to the Dask scheduler at {scheduler} ({one_line(err)}); is "
+                               f"`dask scheduler` running there? (--scheduler local starts a local cluster)") from None
         try:
             yield client
         finally:
             client.close()
+
+
+@contextmanager
+def _ctrl_c_for_this_process_only():
+    """Start worker processes that ignore Ctrl-C (SIGINT); this process keeps it.
+
+    The terminal sends Ctrl-C to the whole process group, workers included; a worker interrupted
+    while it imports or runs prints its own traceback and leaves the cluster half-dead. An ignored
+    signal stays ignored across exec (and Python then installs no KeyboardInterrupt handler), so
+    SIGINT is ignored while the workers are spawned, then this process's handler is put back: it
+    alone turns Ctrl-C into KeyboardInterrupt and closes the cluster, whose nannies end the workers.
+    The price: a Ctrl-C during the cluster's start-up (seconds) is not seen; press it again.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield                               # signal handlers can only be changed from the main thread
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if old is None else old)
+
+
+def _close(client, cluster):
+    """Close the client, then the cluster and its workers (either may be None: start-up failed).
+
+    A worker that is slow to exit (a busy machine) is killed by its nanny, which distributed logs
+    as a WARNING although every result is already written: `silence_logs=logging.ERROR` above
+    keeps that quiet until the cluster is closed."""
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 _MODELS = {}
@@ -110,6 +166,7 @@ class Settings:
     sigma: float | None = None
     seed: int = 0
     overwrite: bool = False
+    run_tag: str = ""           # names this run's temporary files (see atomic.tagged)
 
 
 @dataclass
@@ -130,7 +187,6 @@ def find_images(specs):
     Outputs of an earlier run in the same folder (`a_denoise.png` next to `a.png`) are not inputs:
     that is what `_drop_own_outputs` removes once the task is known.
     """
-    from .restore import RestoreError
     found = []
     for spec in specs:
         if os.path.isdir(spec):
@@ -157,18 +213,13 @@ def _drop_own_outputs(paths, task):
 
 
 def plan_outputs(paths, task, out_dir=None):
-    """(input, output) pairs with the restore command's naming; two inputs may not share an output."""
-    from .restore import RestoreError, default_output
-    pairs, seen = [], {}
-    for p in paths:
-        dst = default_output(p, task, out_dir)
-        key = os.path.abspath(dst)
-        if key in seen:
-            raise RestoreError(f"{seen[key]} and {p} would both be written to {dst}; restore them into "
-                               f"different --out folders")
-        seen[key] = p
-        pairs.append((p, dst))
-    return pairs
+    """(input, output) pairs with the restore command's naming; two inputs may not share an output.
+
+    `out_dir` is a folder (created if needed), whatever its name."""
+    from .restore import output_folder, plan_outputs as plan
+    if out_dir:
+        output_folder(out_dir)
+    return [(group[0], dst) for group, dst in plan([[p] for p in paths], task, out_dir)]
 
 
 def restore_one(src, dst, settings: Settings):
@@ -190,7 +241,8 @@ def restore_one(src, dst, settings: Settings):
         out, alpha = from_model_output(y, image, 1 if task.pre_upsample else task.scale)
         if task.pre_upsample and alpha is not None:
             alpha = np.repeat(np.repeat(alpha, task.scale, 0), task.scale, 1)
-        write_image(dst, out, image.bit_depth, alpha, overwrite=settings.overwrite)
+        with tagged(settings.run_tag):
+            write_image(dst, out, image.bit_depth, alpha, overwrite=settings.overwrite)
         return ("written", src, dst, "")
     except ImageError as err:
         if "exists" in str(err) and os.path.exists(dst):     # another run wrote it meanwhile
@@ -214,9 +266,7 @@ def restore_batch(paths, settings: Settings, client, out_dir=None, progress=True
 
     task = TASKS[settings.task]
     if task.inputs != 1:
-        raise _restore_error(f"task '{task.name}' takes two views per image; restore its pairs one by one")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
+        raise RestoreError(f"task '{task.name}' takes two views per image; restore its pairs one by one")
     report = BatchReport()
     todo = []
     for src, dst in plan_outputs(paths, task, out_dir):
@@ -226,7 +276,7 @@ def restore_batch(paths, settings: Settings, client, out_dir=None, progress=True
             todo.append((src, dst))
     futures = {client.submit(restore_one, src, dst, settings, pure=False): (src, dst) for src, dst in todo}
     with tqdm(total=len(futures), desc=f"restoring ({task.name})", unit="image", file=sys.stderr,
-              disable=not progress or not futures) as bar:
+              disable=not progress or not futures) as bar, _interruptible(report, len(paths)):
         for fut in as_completed(futures):
             src, dst = futures[fut]
             if fut.status == "error":            # the worker died (e.g. out of memory) or was lost
@@ -248,9 +298,14 @@ def restore_batch(paths, settings: Settings, client, out_dir=None, progress=True
     return report
 
 
-def _restore_error(msg):
-    from .restore import RestoreError
-    return RestoreError(msg)
+@contextmanager
+def _interruptible(report, total):
+    """Ctrl-C becomes `Interrupted` saying how much is done (every written output is complete)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = len(report.written) + len(report.skipped)
+        raise Interrupted(f"interrupted; {done} of {total} done, rerun to resume") from None
 
 
 # ----------------------------------------------------------- one image larger than memory
@@ -459,14 +514,14 @@ def _restore_chunk(block, block_id=None, *, spec):
 def check_chunked(task, chunk, tile, overlap):
     """Validate a chunked-restore request (`RestoreError`); returns the chunk size to use."""
     if task.inputs != 1 or task.pre_upsample:
-        raise _restore_error(f"task '{task.name}' cannot be restored chunk by chunk "
-                             + ("(it takes two views)" if task.inputs != 1 else
-                                "(its bicubic pre-upsampling needs the whole image)"))
+        raise RestoreError(f"task '{task.name}' cannot be restored chunk by chunk "
+                           + ("(it takes two views)" if task.inputs != 1 else
+                              "(its bicubic pre-upsampling needs the whole image)"))
     if tile is None or tile < 8 or not 0 <= overlap < tile:
-        raise _restore_error(f"chunked restore needs --tile >= 8 and --tile-overlap in [0, tile), got {tile}, {overlap}")
+        raise RestoreError(f"chunked restore needs --tile >= 8 and --tile-overlap in [0, tile), got {tile}, {overlap}")
     chunk = chunk or max(tile, 8 * (tile - overlap))
     if chunk < tile:
-        raise _restore_error(f"--chunk ({chunk}) must be at least the tile size ({tile})")
+        raise RestoreError(f"--chunk ({chunk}) must be at least the tile size ({tile})")
     return chunk
 
 
@@ -515,16 +570,11 @@ def restore_large(in_path, out_path, task_name="denoise", weights=None, *, clien
     if not os.path.isfile(in_path):
         raise ImageError(f"{in_path}: no such file")
     if os.path.abspath(in_path) == os.path.abspath(out_path):
-        raise _restore_error(f"{out_path} is the input file; refusing to overwrite it")
-    if os.path.exists(out_path) and not overwrite:
-        raise ImageError(f"{out_path} exists; refusing to overwrite it (pass --overwrite)")
+        raise RestoreError(f"{out_path} is the input file; refusing to overwrite it")
     source = TiffRegions(in_path)
     y = large_array(source, task_name, weights, backend, chunk, tile, overlap)
     shape = y.shape if source.shape[2] > 1 else y.shape[:2]
-    directory = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".eamamba-", suffix=".tif", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_output(out_path, overwrite, suffix=".tif", error=ImageError) as tmp:
         tifffile.memmap(tmp, shape=shape, dtype=y.dtype).flush()   # header + zero pixels on disk
         stored = y.store(_TiffWriter(tmp), lock=False, compute=False)
         if client is not None:
@@ -539,16 +589,6 @@ def restore_large(in_path, out_path, task_name="denoise", weights=None, *, clien
                 dask.compute(stored)
         else:
             dask.compute(stored)
-        if overwrite:
-            os.replace(tmp, out_path)
-        else:
-            try:
-                os.link(tmp, out_path)           # fails if it appeared meanwhile: never clobber
-            except FileExistsError:
-                raise ImageError(f"{out_path} exists; refusing to overwrite it (pass --overwrite)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out_path
 
 
@@ -560,42 +600,66 @@ def wants_cluster(args):
 
 
 def run_command(task, args, backend):
-    """The restore command's cluster mode; returns the exit status (0 all done, 1 some failed)."""
-    from .restore import RestoreError
+    """The restore command's cluster mode; returns the exit status (0 all done, 1 some failed).
+
+    Every check that can fail without the cluster (Dask installed, inputs, output names and
+    folders) runs before the cluster starts, so a bad request costs no start-up time.
+    """
+    from .restore import names_a_file, output_folder
+    require_dask()
     if task.inputs != 1:
         raise RestoreError(f"task '{task.name}' takes two views per image; folders, globs, --scheduler "
                            f"and --chunk serve single-image tasks")
     paths = _drop_own_outputs(find_images(args.inputs), task)
-    single_file_out = args.output and os.path.splitext(args.output)[1]
+    single_file_out = names_a_file(args.output)
     if single_file_out and (len(paths) != 1 or not args.chunk):
         raise RestoreError("with folders, globs or a cluster, --out must be a folder, not a file name")
+    out_dir = output_folder(args.output) if args.output and not single_file_out else None
     if args.chunk:
         if args.ensemble or args.sigma is not None:
             raise RestoreError("--chunk restores the image as it is: no --ensemble or --sigma")
         check_chunked(task, args.chunk, args.tile or 256, args.tile_overlap)
+        pairs = [(src, args.output if single_file_out else _tiff_name(src, task, out_dir)) for src in paths]
+    else:
+        pairs = plan_outputs(paths, task, out_dir)
+    for folder in sorted({os.path.dirname(os.path.abspath(dst)) for _, dst in pairs}):
+        if not os.path.isdir(folder):
+            raise RestoreError(f"output folder {folder} does not exist")
+        check_writable(folder)             # read-only or full: one line now, not one failure per image
+    if not args.overwrite and all(os.path.exists(dst) for _, dst in pairs):
+        print(summary(BatchReport(skipped=pairs)))      # a finished rerun: no cluster to start
+        return 0
+    tag = f"run{os.getpid()}x{secrets.token_hex(3)}"
+    try:
+        return _run_on_cluster(task, args, backend, paths, pairs, out_dir, tag)
+    finally:                                # a worker killed mid-write (Ctrl-C) leaves its temp file
+        remove_temporaries([os.path.dirname(os.path.abspath(dst)) for _, dst in pairs], tag)
+
+
+def _run_on_cluster(task, args, backend, paths, pairs, out_dir, tag):
     with connect(args.scheduler, args.workers) as client:
         if args.chunk:                      # one large image after the other, each over the whole cluster
             report = BatchReport()
-            for src in paths:
-                dst = args.output if single_file_out else _tiff_name(src, task, args.output)
-                if os.path.exists(dst) and not args.overwrite:
-                    report.skipped.append((src, dst))
-                    continue
-                try:
-                    restore_large(src, dst, task.name, args.weights, client=client, chunk=args.chunk,
-                                  tile=args.tile or 256, overlap=args.tile_overlap, backend=backend,
-                                  overwrite=args.overwrite)
-                except ValueError as err:   # this image only (bad file, bad chunk size...)
-                    report.failed.append((src, str(err).splitlines()[0] if str(err) else type(err).__name__))
-                    continue
-                report.written.append((src, dst))
-                print(f"{src} -> {dst}")
+            with _interruptible(report, len(pairs)):
+                for src, dst in pairs:
+                    if os.path.exists(dst) and not args.overwrite:
+                        report.skipped.append((src, dst))
+                        continue
+                    try:
+                        restore_large(src, dst, task.name, args.weights, client=client, chunk=args.chunk,
+                                      tile=args.tile or 256, overlap=args.tile_overlap, backend=backend,
+                                      overwrite=args.overwrite)
+                    except ValueError as err:   # this image only (bad file, bad chunk size...)
+                        report.failed.append((src, one_line(err)))
+                        continue
+                    report.written.append((src, dst))
+                    print(f"{src} -> {dst}")
             print(summary(report))
             return 0 if report.ok else 1
         settings = Settings(task=task.name, weights=args.weights, backend=backend, tile=args.tile,
                             overlap=args.tile_overlap, ensemble=args.ensemble, sigma=args.sigma, seed=args.seed,
-                            overwrite=args.overwrite)
-        report = restore_batch(paths, settings, client, args.output)
+                            overwrite=args.overwrite, run_tag=tag)
+        report = restore_batch(paths, settings, client, out_dir)
     print(summary(report))
     return 0 if report.ok else 1
 

@@ -23,7 +23,9 @@ import time
 import numpy as np
 
 from . import metrics
-from .images import ImageError, read_image
+from .atomic import atomic_output, check_destination
+from .errors import command
+from .images import read_image
 from .layers import bicubic_upsample
 from .restore import RestoreError, default_backend, load_task_model, restore_array
 from .tasks import TASKS
@@ -137,7 +139,9 @@ def summarise(rows):
     return {m: (float(np.mean([p for p, _ in v])), float(np.mean([s for _, s in v])), len(v)) for m, v in table.items()}
 
 
+@command
 def main(argv=None):
+    """The evaluate command; returns the exit status (errors: one line on stderr, see errors.command)."""
     ap = argparse.ArgumentParser(prog="python -m eamamba_ref.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--task", default="denoise", choices=["denoise", "sr2", "sr3", "sr4"])
     ap.add_argument("--data", required=True, help="folder of clean (ground-truth) images")
@@ -150,6 +154,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, help="only the first N images")
     ap.add_argument("--tile", type=int, help="restore in tiles of this size (bounds memory)")
     ap.add_argument("--csv", help="write per-image results here")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     ap.add_argument("--backend", choices=["numpy", "numba", "cuda"])
     ap.add_argument("--gray", action="store_true",
                     help="denoise: gray images (colour ones converted to 8-bit gray) with a 1-channel model and "
@@ -158,19 +163,17 @@ def main(argv=None):
                     help="only the baselines (and the noisy input / bicubic rows): no weights needed")
     args = ap.parse_args(argv)
     task = TASKS[args.task]
-    try:
-        model = None if args.no_model else load_task_model(task, args.weights, args.backend or default_backend())
-        paths = list_images(args.data)[: args.limit]
-        which = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(","))
-        unknown = set(which) - {"tv", "wavelet", "nlm", "bm3d"}
-        if unknown:
-            raise RestoreError(f"unknown baselines {sorted(unknown)}; choose from tv, wavelet, nlm, bm3d")
-        rows = evaluate(task, model, paths, args.sigma, args.seed, which, args.tile, gray=args.gray)
-    except (RestoreError, ImageError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.csv:                        # before the (long) evaluation, not after it
+        check_destination(args.csv, args.overwrite)
+    model = None if args.no_model else load_task_model(task, args.weights, args.backend or default_backend())
+    paths = list_images(args.data)[: args.limit]
+    which = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(","))
+    unknown = set(which) - {"tv", "wavelet", "nlm", "bm3d"}
+    if unknown:
+        raise RestoreError(f"unknown baselines {sorted(unknown)}; choose from tv, wavelet, nlm, bm3d")
+    rows = evaluate(task, model, paths, args.sigma, args.seed, which, args.tile, gray=args.gray)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
+        with atomic_output(args.csv, args.overwrite) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["image", "method", "psnr", "ssim", "seconds"])
             writer.writeheader()
             writer.writerows(rows)
@@ -183,4 +186,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from eamamba_ref.evaluate import main as _main    # the imported module's main (see restore.py)
+    sys.exit(_main())

@@ -18,12 +18,13 @@ the image as it is meant to be displayed, in gray or RGB, with its transparency 
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from .atomic import atomic_output, check_destination
 
 # Images over this many pixels are refused before decoding unless the caller raises the limit:
 # at 8192 x 8192 an RGB image is 0.8 GB as float32, and restoring it holds several such arrays.
@@ -254,13 +255,6 @@ def _decode(path, max_pixels):
     return data if data.ndim == 3 else data[..., None]
 
 
-def _default_permissions(path):
-    """mkstemp creates 0600 files; give the output the permissions a plain open() would (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def read_image(path, max_pixels=MAX_PIXELS):
     """Decode `path` into an `Image`; one-line `ImageError` for anything that is not a usable image.
 
@@ -341,15 +335,9 @@ def check_output(path, inputs=(), overwrite=False, bit_depth=8, alpha=False):
         raise ImageError(f"{path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ImageError(f"{path}: cannot write into folder {folder} (permission denied)")
-    for src in inputs:
-        src = os.fspath(src)
-        if os.path.abspath(src) == os.path.abspath(path) or (
-                os.path.exists(path) and os.path.exists(src) and os.path.samefile(src, path)):
-            raise ImageError(f"{path} is an input file; refusing to overwrite it")
     if os.path.isdir(path):
         raise ImageError(f"{path} is a folder, not an output file name")
-    if os.path.exists(path) and not overwrite:
-        raise ImageError(f"{path} exists; refusing to overwrite it (pass --overwrite)")
+    check_destination(path, overwrite, inputs, error=ImageError)     # an input, or an existing file
     return path
 
 
@@ -363,8 +351,8 @@ def to_integer(pixels, bit_depth):
 def write_image(path, pixels, bit_depth=8, alpha=None, overwrite=False):
     """Encode float `(H, W, C)` pixels (C = 1 or 3) in [0, 1] to `path`, atomically.
 
-    The file appears complete or not at all (temp file in the same folder, then rename). An existing
-    file is never replaced unless `overwrite`. `alpha` `(H, W)` is appended as stored (its size must
+    The file appears complete or not at all (`atomic.atomic_output`). An existing file is never
+    replaced unless `overwrite`. `alpha` `(H, W)` is appended as stored (its size must
     match). The format follows the extension: .png, .jpg/.jpeg (8-bit only), .tif/.tiff.
     """
     path = check_output(path, (), overwrite, bit_depth, alpha is not None)
@@ -377,11 +365,7 @@ def write_image(path, pixels, bit_depth=8, alpha=None, overwrite=False):
     if data.shape[2] == 1:
         data = data[..., 0]
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".eamamba-", suffix=ext, dir=directory)
-    os.close(fd)
-    _default_permissions(tmp)
-    try:
+    with atomic_output(path, overwrite, error=ImageError) as tmp:
         if ext in (".tif", ".tiff"):
             import tifffile
             planes = 1 if data.ndim == 2 else data.shape[2]      # say which axis holds samples:
@@ -397,13 +381,3 @@ def write_image(path, pixels, bit_depth=8, alpha=None, overwrite=False):
             import imageio.v3 as iio
             kwargs = {"quality": 95} if ext in (".jpg", ".jpeg") else {}
             iio.imwrite(tmp, data, extension=ext, **kwargs)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)           # fails if `path` appeared meanwhile: never clobber
-            os.remove(tmp)
-    except FileExistsError:
-        raise ImageError(f"{path} exists; refusing to overwrite it (pass --overwrite)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -30,10 +30,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
+import zipfile
 
 import numpy as np
 
+from .atomic import atomic_output, check_destination
+from .errors import CommandError, command
 from .trace import recording
 
 META = "__meta__"
@@ -78,26 +80,28 @@ def trace_torch(module, x):
     return values
 
 
-def save_trace(path, values, meta=None):
-    """Write a trace atomically: one array per name (forward order kept in the metadata)."""
+def save_trace(path, values, meta=None, overwrite=False):
+    """Write a trace atomically: one array per name (forward order kept in the metadata).
+
+    An existing `path` is refused (`CommandError`) unless `overwrite`; the name is used as given."""
     meta = dict(meta or {}, order=list(values))
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=directory)
-    os.close(fd)
-    try:
-        np.savez(tmp, **{META: np.array(json.dumps(meta))}, **values)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(path, overwrite) as tmp, open(tmp, "wb") as f:    # a file object: no '.npz' appended
+        np.savez(f, **{META: np.array(json.dumps(meta))}, **values)
 
 
 def load_trace(path):
-    """(values in forward order, meta) from a trace file (no pickle)."""
-    with np.load(path, allow_pickle=False) as f:
-        meta = json.loads(str(f[META])) if META in f.files else {}
-        order = meta.get("order") or [k for k in f.files if k != META]
-        return {k: f[k] for k in order if k in f.files}, meta
+    """(values in forward order, meta) from a trace file (no pickle); `CommandError` if it is not one."""
+    if not os.path.isfile(path):
+        raise CommandError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise CommandError(f"{path} is not an oracle trace (.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f[META])) if META in f.files else {}
+            order = meta.get("order") or [k for k in f.files if k != META]
+            return {k: f[k] for k in order if k in f.files}, meta
+    except (ValueError, zipfile.BadZipFile) as err:      # object arrays, broken members, bad JSON
+        raise CommandError(f"{path} is not an oracle trace (.npz): {err}") from None
 
 
 def unmatched(reference, other):
@@ -129,15 +133,20 @@ def compare(reference, other, tol=1e-4):
 
 
 def _torch_model(model):
+    try:
+        import torch
+    except ImportError:
+        raise CommandError('--impl torch needs PyTorch: pip install "eamamba_ref[torch]"') from None
     from .torch_ref import build_from_args
-    import torch
 
     module = build_from_args(model.config.name, model.config.to_args()).eval()
     module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in model.params.items()}, strict=True)
     return module
 
 
+@command
 def main(argv=None):
+    """The oracle command; returns the exit status (errors: one line on stderr, see errors.command)."""
     ap = argparse.ArgumentParser(prog="python -m eamamba_ref.oracle", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="trace a forward pass")
@@ -148,7 +157,8 @@ def main(argv=None):
                      "(otherwise a seeded random input of --shape)")
     run.add_argument("--shape", type=int, nargs=4, default=[1, 3, 32, 32], metavar=("B", "C", "H", "W"))
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("-o", "--output", required=True)
+    run.add_argument("-o", "--output", required=True, help="trace file to write (.npz)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     cmp_ = sub.add_parser("compare", help="first layer where two traces diverge")
     cmp_.add_argument("reference")
     cmp_.add_argument("other")
@@ -156,33 +166,34 @@ def main(argv=None):
     cmp_.add_argument("--all", action="store_true", help="print every compared layer")
     args = ap.parse_args(argv)
 
-    from .checkpoint import CheckpointError
-    from .images import ImageError, read_image
+    from .images import read_image
     from .loading import load
 
-    try:
-        if args.cmd == "run":
-            model = load(args.weights)
-            if args.input and args.input.endswith(".npz"):     # another trace: run on its input
-                traced, _ = load_trace(args.input)
-                if "input" not in traced:
-                    raise ValueError(f"{args.input}: trace has no 'input' array")
-                x = traced["input"]
-            elif args.input:
-                px = read_image(args.input).pixels
-                x = np.ascontiguousarray(np.repeat(px, 3, 2) if px.shape[2] == 1 else px).transpose(2, 0, 1)[None]
-            else:
-                x = np.random.default_rng(args.seed).random(tuple(args.shape), dtype=np.float32)
-            values = trace_numpy(model, x) if args.impl == "numpy" else trace_torch(_torch_model(model), x)
-            save_trace(args.output, {"input": np.ascontiguousarray(x, np.float32), **values},
-                       {"impl": args.impl, "weights": str(args.weights), "config": model.config.to_json()})
-            print(f"wrote {len(values)} activations to {args.output}")
-            return 0
-        ref, meta_a = load_trace(args.reference)
-        other, meta_b = load_trace(args.other)
-    except (CheckpointError, ImageError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.cmd == "run":
+        # before the forward pass: never the input or the weights, never an existing file unless asked
+        check_destination(args.output, args.overwrite, inputs=[p for p in (args.input, args.weights) if p])
+        model = load(args.weights)
+        if args.input and args.input.endswith(".npz"):     # another trace: run on its input
+            traced, _ = load_trace(args.input)
+            if "input" not in traced:
+                raise CommandError(f"{args.input}: trace has no 'input' array")
+            x = traced["input"]
+        elif args.input:
+            px = read_image(args.input).pixels
+            x = np.ascontiguousarray(np.repeat(px, 3, 2) if px.shape[2] == 1 else px).transpose(2, 0, 1)[None]
+        else:
+            if args.shape[1] != model.config.inp_channels or min(args.shape) < 1:
+                raise CommandError(f"--shape {' '.join(map(str, args.shape))}: {args.weights} takes "
+                                   f"{model.config.inp_channels} input channels (B C H W, all >= 1)")
+            x = np.random.default_rng(args.seed).random(tuple(args.shape), dtype=np.float32)
+        values = trace_numpy(model, x) if args.impl == "numpy" else trace_torch(_torch_model(model), x)
+        save_trace(args.output, {"input": np.ascontiguousarray(x, np.float32), **values},
+                   {"impl": args.impl, "weights": str(args.weights), "config": model.config.to_json()},
+                   overwrite=args.overwrite)
+        print(f"wrote {len(values)} activations to {args.output}")
+        return 0
+    ref, meta_a = load_trace(args.reference)
+    other, meta_b = load_trace(args.other)
     first, rows = compare(ref, other, args.tol)
     if not rows:
         print("error: the two traces have no activation name in common", file=sys.stderr)
@@ -204,4 +215,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from eamamba_ref.oracle import main as _main      # the imported module's main (see restore.py)
+    sys.exit(_main())

@@ -1,6 +1,6 @@
 """Restore images with EAMamba, on a laptop, without PyTorch or a GPU.
 
-    python -m eamamba_ref.restore                          # demo: bundled sample + noise -> cleaned
+    python -m eamamba_ref.restore                          # demo: bundled sample + noise -> eamamba_demo/
     python -m eamamba_ref.restore photo.png --task denoise # -> photo_denoise.png next to it
     python -m eamamba_ref.restore a.png b.tif --task sr2 -o out/
     python -m eamamba_ref.restore left.png right.png --task defocus-deblur --weights dpdd.pth
@@ -20,18 +20,17 @@ import sys
 import numpy as np
 
 from . import inference, ssm
-from .checkpoint import CheckpointError
-from .config import ConfigError
+from .atomic import check_destination, check_writable
+from .errors import RestoreError, command
 from .images import MAX_PIXELS, Image, ImageError, check_output, read_image, write_image
 from .layers import bicubic_upsample
 from .loading import load
 from .tasks import TASKS
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "kodim23_crop.png")
+DEMO_DIR = "eamamba_demo"          # where the demo writes without -o (in the current folder)
 
-
-class RestoreError(ValueError):
-    """A request the restore command cannot serve (one line for the user)."""
+# RestoreError is imported from errors.py (and re-exported here): see that module for why.
 
 
 def load_task_model(task, weights=None, backend=None):
@@ -47,6 +46,8 @@ def load_task_model(task, weights=None, backend=None):
         path = weights
         if not os.path.exists(path):
             raise RestoreError(f"{path}: no such weights file")
+        if os.path.isdir(path):
+            raise RestoreError(f"{path} is a folder; --weights takes a weights file (official .pth or converted .npz)")
     model = load(path, backend=backend)
     cfg = model.config
     if cfg.name != task.model:
@@ -109,6 +110,53 @@ def default_output(input_path, task, out_dir=None):
     return os.path.join(out_dir or os.path.dirname(os.path.abspath(input_path)), f"{root}_{task.name}{ext}")
 
 
+def names_a_file(output):
+    """Whether -o/--out names an output file (it has an extension and is not an existing folder)."""
+    return bool(output) and not os.path.isdir(output) and bool(os.path.splitext(output)[1])
+
+
+def output_folder(output):
+    """Create the output folder -o names (if needed); one-line error if it is an existing file."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise RestoreError(f"{output} exists and is not a folder (an -o/--out without an extension names an "
+                           f"output folder; give a file name with an extension, e.g. out.png)")
+    os.makedirs(output, exist_ok=True)
+    return output
+
+
+def plan_outputs(groups, task, output=None):
+    """`(inputs, output path)` for each group of inputs, refusing two groups with one output.
+
+    `output` (-o): a file name for a single group, else a folder (created) or None (next to the
+    first input, named `<input>_<task>`). Nothing is written; the caller checks the paths."""
+    if names_a_file(output):
+        if len(groups) > 1:
+            raise RestoreError("several inputs need -o to be a folder, not a file name")
+        return [(groups[0], output)]
+    if output:
+        output_folder(output)
+    plan, seen = [], {}
+    for group in groups:
+        dst = default_output(group[0], task, output)
+        key = os.path.abspath(dst)
+        if key in seen:
+            raise RestoreError(f"{seen[key]} and {group[0]} would both be written to {dst}; restore them into "
+                               f"different -o/--out folders")
+        seen[key] = group[0]
+        plan.append((group, dst))
+    return plan
+
+
+def check_outputs(plan, overwrite):
+    """Before any work: every output may be written (not an input, not existing unless
+    `overwrite`, its folder exists and takes files)."""
+    inputs = [p for group, _ in plan for p in group]
+    for _, dst in plan:
+        check_destination(dst, overwrite, inputs)
+    for folder in sorted({os.path.dirname(os.path.abspath(dst)) for _, dst in plan}):
+        check_writable(folder)
+
+
 def _progress_bar(total, desc):
     if total <= 1:
         return None, None
@@ -123,7 +171,8 @@ def psnr(a, b):
 
 
 def run_demo(task, model, args):
-    """No input given: degrade the bundled sample, restore it, write result + comparison PNGs."""
+    """No input given: degrade the bundled sample, restore it, write result + comparison PNGs
+    (into -o, default `eamamba_demo/` in the current folder)."""
     clean = read_image(SAMPLE)
     if task.name == "denoise" or (task.scale == 1 and args.sigma is not None):
         degraded = add_noise(clean, 25 if args.sigma is None else args.sigma, args.seed)
@@ -135,12 +184,12 @@ def run_demo(task, model, args):
         label = f"input (1/{task.scale} size)"
     else:
         degraded, label = clean, "input"
-    y = restore_array(model, to_model_input([degraded], task), args.tile, args.tile_overlap, args.ensemble)
-    out, _ = from_model_output(y, degraded, task.scale)
-    out_dir = args.output or "."
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = output_folder(args.output or DEMO_DIR)
     result = os.path.join(out_dir, f"eamamba_demo_{task.name}.png")
     comparison = os.path.join(out_dir, f"eamamba_demo_{task.name}_comparison.png")
+    check_outputs([([SAMPLE], result), ([SAMPLE], comparison)], args.overwrite)
+    y = restore_array(model, to_model_input([degraded], task), args.tile, args.tile_overlap, args.ensemble)
+    out, _ = from_model_output(y, degraded, task.scale)
     write_image(result, out, 8, overwrite=args.overwrite)
     shown = degraded.pixels
     if task.scale > 1:                     # show the low-resolution input at the output's size
@@ -176,7 +225,9 @@ def write_comparison(path, panels, scores, overwrite):
         plt.close(fig)
 
 
+@command
 def main(argv=None):
+    """The restore command; returns the exit status (errors: one line on stderr, see errors.command)."""
     ap = argparse.ArgumentParser(prog="python -m eamamba_ref.restore", description=__doc__.split("\n")[0],
                                  epilog="Tasks: " + ", ".join(TASKS))
     ap.add_argument("inputs", nargs="*", help="image files (PNG, JPEG, TIFF); none: run the demo on a bundled sample")
@@ -205,45 +256,49 @@ def main(argv=None):
             print(f"{t.name:15s} {t.description}" + ("  [bundled demo weights]" if t.bundled else ""))
         return 0
     task = TASKS[args.task]
-    try:
-        if args.tile is not None and (args.tile < 8 or not 0 <= args.tile_overlap < args.tile):
-            raise RestoreError(f"--tile must be >= 8 and --tile-overlap in [0, tile), got {args.tile}, {args.tile_overlap}")
-        backend = args.backend or default_backend()
-        model = load_task_model(task, args.weights, backend)
-        if not args.inputs:
-            run_demo(task, model, args)
-            return 0
-        from .distributed import run_command, wants_cluster
-        if wants_cluster(args):
-            return run_command(task, args, backend)
-        groups = [args.inputs] if task.inputs == 2 else [[p] for p in args.inputs]
-        if task.inputs == 2 and len(args.inputs) != 2:
-            raise RestoreError(f"task '{task.name}' takes exactly two inputs (left and right dual-pixel views), "
-                               f"got {len(args.inputs)}")
-        if len(groups) > 1 and args.output and os.path.splitext(args.output)[1]:
-            raise RestoreError("several inputs need -o to be a folder, not a file name")
-        for group in groups:
-            restore_files(task, model, group, args)
-    except (RestoreError, ImageError, CheckpointError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_numbers(args)
+    backend = args.backend or default_backend()
+    model = load_task_model(task, args.weights, backend)
+    if not args.inputs:
+        run_demo(task, model, args)
+        return 0
+    from .distributed import run_command, wants_cluster
+    if wants_cluster(args):
+        return run_command(task, args, backend)
+    groups = [args.inputs] if task.inputs == 2 else [[p] for p in args.inputs]
+    if task.inputs == 2 and len(args.inputs) != 2:
+        raise RestoreError(f"task '{task.name}' takes exactly two inputs (left and right dual-pixel views), "
+                           f"got {len(args.inputs)}")
+    for path in args.inputs:            # before the outputs: "no such file" says more than "no such folder"
+        if not os.path.isfile(path):
+            raise ImageError(f"{path}: no such file")
+    plan = plan_outputs(groups, task, args.output)
+    check_outputs(plan, args.overwrite)
+    for group, out_path in plan:
+        restore_files(task, model, group, args, out_path)
     return 0
 
 
-def restore_files(task, model, paths, args):
+def check_numbers(args):
+    """The numeric options' ranges (one-line errors before anything starts)."""
+    if args.tile is not None and (args.tile < 8 or not 0 <= args.tile_overlap < args.tile):
+        raise RestoreError(f"--tile must be >= 8 and --tile-overlap in [0, tile), got --tile {args.tile} and "
+                           f"--tile-overlap {args.tile_overlap} (default 32)")
+    if args.workers is not None and args.workers < 1:
+        raise RestoreError(f"--workers must be >= 1, got {args.workers}")
+    if args.chunk is not None and args.chunk < 1:
+        raise RestoreError(f"--chunk must be a positive size in pixels, got {args.chunk}")
+
+
+def restore_files(task, model, paths, args, out_path):
+    """Restore one group of inputs (one image, or the two dual-pixel views) into `out_path`."""
     images = [read_image(p, getattr(args, "max_pixels", MAX_PIXELS)) for p in paths]
     if len(images) == 2 and images[0].pixels.shape != images[1].pixels.shape:
         raise RestoreError(f"the two dual-pixel views differ in size: {images[0].pixels.shape} vs {images[1].pixels.shape}")
     if args.sigma is not None:
         images = [add_noise(im, args.sigma, args.seed) for im in images]
     first = images[0]
-    if args.output and (len(paths) == 1 or task.inputs == 2) and os.path.splitext(args.output)[1]:
-        out_path = args.output
-    else:
-        if args.output:
-            os.makedirs(args.output, exist_ok=True)
-        out_path = default_output(paths[0], task, args.output)
-    # format, folder, input, existing file: refused now, not after the computation
+    # format for this bit depth and alpha, folder, input, existing file: refused now, not after
     check_output(out_path, paths, args.overwrite, first.bit_depth, first.alpha is not None)
     x = to_model_input(images, task)
     H, W = x.shape[2:]
@@ -268,4 +323,6 @@ def default_backend():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy's: one copy of the module's state.
+    from eamamba_ref.restore import main as _main
+    sys.exit(_main())

@@ -210,3 +210,34 @@ def test_compare_reports_names_found_in_one_file_only(tmp_path, capsys):
     assert f"only in {pa}: 1 name (only_a)" in out
     assert f"only in {pb}: 2 names (only_b1, only_b2)" in out
     assert "agree: 1 common activations" in out
+
+
+def test_run_never_overwrites_and_writes_ordinary_files(weights, tmp_path, capsys):
+    import os
+
+    from eamamba_ref.images import write_image
+    png = tmp_path / "p.png"
+    write_image(png, np.full((8, 8, 3), 0.5), 8)
+    original = png.read_bytes()
+    assert oracle.main(["run", weights, "--input", str(png), "-o", str(png)]) == 2     # its own input
+    assert "input file" in capsys.readouterr().err and png.read_bytes() == original
+    trace = tmp_path / "t.npz"
+    assert oracle.main(["run", weights, "--shape", "1", "3", "8", "8", "-o", str(trace)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (trace.stat().st_mode & 0o777) == 0o666 & ~umask
+    first = trace.read_bytes()
+    assert oracle.main(["run", weights, "--shape", "1", "3", "8", "8", "--seed", "1", "-o", str(trace)]) == 2
+    assert "exists" in capsys.readouterr().err and trace.read_bytes() == first
+    assert oracle.main(["run", weights, "--shape", "1", "3", "8", "8", "--seed", "1", "-o", str(trace),
+                        "--overwrite"]) == 0
+    assert trace.read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "t.npz"]
+
+
+def test_compare_on_something_else_says_it_is_not_a_trace(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert oracle.main(["compare", str(text), str(text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {text} is not an oracle trace (.npz)"
