@@ -683,12 +683,64 @@ def read_pth(path, *, lazy: bool = False):
     return obj if lazy else materialize(obj)
 
 
+_MAX_READ_BYTES = 8 * 2**30     # what reading may allocate when no architecture says what it needs
+
+
+def check_read_budget(tensors, where: str = "", max_bytes: int = _MAX_READ_BYTES) -> int:
+    """Refuse to read ``tensors`` when that would cost far more than its result; returns their bytes.
+
+    Checked before a byte is read, from what the file declares: the tensors' bytes (shape x itemsize)
+    must not exceed ``max_bytes``; the storages they read (a storage is read whole, and a deflated one
+    inflated whole) must not exceed twice those bytes + 1 MiB (a zip bomb: 3 MB of file declaring a
+    3 GB storage for a small tensor); and the tensors must not exceed 16x their storages + 16 MiB
+    (a stride-0 view turning 500 bytes into 3.6 GB). Real checkpoints store each tensor whole, 1:1.
+
+    ``tensors``: objects with ``nbytes``, ``storage_id`` and ``storage_nbytes`` (`LazyTensor`, or the
+    converted-file entries of `eamamba_ref.checkpoint`); each distinct object counts once.
+    """
+    where = f"{where}: " if where else ""
+    unique = {id(t): t for t in tensors}.values()
+    need = sum(t.nbytes for t in unique)
+    stored = sum({t.storage_id: t.storage_nbytes for t in unique}.values())
+    if need > max_bytes:
+        raise CheckpointError(f"{where}tensors of {need:,} bytes exceed the {max_bytes:,} bytes allowed")
+    if stored > 2 * need + 2**20:
+        raise CheckpointError(f"{where}storages declare {stored:,} bytes for {need:,} bytes of tensors "
+                              "(a zip bomb, or views of far larger tensors); refusing to inflate them")
+    if need > 16 * stored + 2**24:
+        raise CheckpointError(f"{where}tensors of {need:,} bytes are views repeating {stored:,} stored bytes "
+                              "(stride 0); refusing to expand them")
+    return need
+
+
 def materialize(obj):
     """Replace every `LazyTensor` in ``obj`` (nested dicts, lists, tuples) by its NumPy array.
 
     Dicts and lists are updated in place (sharing and cycles, as unpickled, are preserved: a tensor
     referenced twice becomes one array); tuples holding tensors are rebuilt. Returns the result.
+    What reading will cost is checked first (`check_read_budget`).
     """
+    found: dict[int, LazyTensor] = {}
+    visited: set[int] = set()
+
+    def collect(x):
+        if id(x) in visited:
+            return
+        visited.add(id(x))
+        if isinstance(x, LazyTensor):
+            found[id(x)] = x
+        elif isinstance(x, dict):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+
+    try:
+        collect(obj)
+    except RecursionError:
+        raise CheckpointError("checkpoint object is nested too deeply") from None
+    check_read_budget(found.values())
     seen: dict[int, tuple] = {}  # id(original) -> (original, result); holding it keeps the id unique
 
     def walk(x):
