@@ -142,7 +142,7 @@ def read_tensors(tensors: dict, where: str = "", max_bytes: int | None = None) -
     """Read {name: lazy tensor} (from `open_state`) as {name: array}, floats as float32.
 
     Before reading: every dtype must be real (float, int or bool) and what reading costs must be
-    bounded (`check_read_budget`: ``max_bytes`` at most, default 8 GiB; storages not much larger than
+    bounded (`check_read_budget`: ``max_bytes`` at most, default 4 GiB; storages not much larger than
     the tensors). After reading each tensor: floating point values must be finite. Tensors are read
     one at a time; arrays given (not lazy) are checked the same way.
     """
@@ -154,7 +154,11 @@ def read_tensors(tensors: dict, where: str = "", max_bytes: int | None = None) -
     check_read_budget(lazy, where, _MAX_READ_BYTES if max_bytes is None else max_bytes)
     out = {}
     for key, t in tensors.items():
-        arr = np.asarray(t)     # a lazy tensor is read from disk here
+        try:
+            arr = np.asarray(t)     # a lazy tensor is read from disk here
+        except MemoryError:
+            raise CheckpointError(f"{where}: not enough memory to read weight {brief(key)} "
+                                  f"({t.nbytes:,} bytes)") from None
         if arr.dtype.kind == "f":
             arr = arr.astype(np.float32, copy=False)
             if not np.isfinite(arr).all():
