@@ -160,11 +160,16 @@ def read_tensors(tensors: dict, where: str = "", max_bytes: int | None = None) -
             raise CheckpointError(f"{where}: not enough memory to read weight {brief(key)} "
                                   f"({t.nbytes:,} bytes)") from None
         if arr.dtype.kind == "f":
-            arr = arr.astype(np.float32, copy=False)
-            if not np.isfinite(arr).all():
-                bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-                raise CheckpointError(f"{where}: weight {brief(key)} holds {bad:,} NaN/Inf values "
-                                      "(diverged training or a corrupt file)")
+            for stage in ("", " beyond float32's range"):   # as stored, then as float32
+                finite = np.isfinite(arr)
+                if not finite.all():
+                    bad = int(arr.size - np.count_nonzero(finite))
+                    raise CheckpointError(f"{where}: weight {brief(key)} holds {bad:,} NaN/Inf values{stage} "
+                                          "(diverged training or a corrupt file)")
+                if arr.dtype == np.float32:
+                    break
+                with np.errstate(over="ignore"):
+                    arr = arr.astype(np.float32)
         out[key] = arr
     return out
 
@@ -290,7 +295,7 @@ class _NpyEntry:
             if _read_npy_header(f, self.path, self.member) != (self.shape, self.dtype, self.fortran):
                 raise CheckpointError(f"{self.path}: entry {brief(self.member)} changed since it was opened")
             out = np.empty(math.prod(self.shape), self.dtype)
-            view = memoryview(out).cast("B")
+            view = memoryview(out.view(np.uint8)) if out.nbytes else memoryview(b"")
             got = 0
             while got < len(view):
                 n = f.readinto(view[got:got + 2**24])  # chunks: zipfile reads via a temporary bytes
