@@ -20,12 +20,13 @@ import math
 import os
 import secrets
 import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy as np
 
 from .pth_reader import _MAX_READ_BYTES, CheckpointError, LazyTensor, check_read_budget, read_pth
-from .untrusted import brief
+from .untrusted import brief, clip
 
 __all__ = [
     "CheckpointError",
@@ -82,8 +83,10 @@ def open_state(path, weights: str = "ema") -> StateFile:
         obj = read_pth(path, lazy=True)
     except IsADirectoryError:
         raise CheckpointError(f"{where}: a folder, not a weights file") from None
-    except PermissionError:
-        raise CheckpointError(f"{where}: permission denied") from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:            # permission denied, I/O error...: one line, like every other problem
+        raise CheckpointError(f"{where}: cannot read it ({e.strerror or e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and ({"sd", "sd_e"} & obj["model"].keys()):
         model = obj["model"]
         key = _WEIGHTS[weights]
@@ -159,6 +162,8 @@ def read_tensors(tensors: dict, where: str = "", max_bytes: int | None = None) -
         except MemoryError:
             raise CheckpointError(f"{where}: not enough memory to read weight {brief(key)} "
                                   f"({t.nbytes:,} bytes)") from None
+        except OSError as e:
+            raise CheckpointError(f"{where}: cannot read weight {brief(key)} ({e.strerror or e})") from None
         if arr.dtype.kind == "f":
             for stage in ("", " beyond float32's range"):   # as stored, then as float32
                 finite = np.isfinite(arr)
@@ -288,6 +293,13 @@ class _NpyEntry:
         return self.nbytes     # _open_converted checked the entry holds exactly the array
 
     def numpy(self) -> np.ndarray:
+        try:
+            return self._read()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:   # e.g. a CRC mismatch
+            raise CheckpointError(f"{self.path}: entry {brief(self.member)} is corrupt or unreadable "
+                                  f"({type(e).__name__}: {clip(e)})") from None
+
+    def _read(self) -> np.ndarray:
         st = os.stat(self.path)
         if (st.st_size, st.st_mtime_ns) != self.stamp:
             raise CheckpointError(f"{self.path}: file changed since it was opened")
@@ -368,7 +380,7 @@ def _open_converted(where: str):
     except RecursionError:
         raise CheckpointError(f"{where}: corrupt converted file (JSON header nested too deeply)") from None
     except Exception as e:  # bad zip, bad .npy header, bad JSON...
-        detail = brief(" ".join(str(e).split()))[1:-1]
+        detail = clip(e)
         raise CheckpointError(f"{where}: corrupt converted file ({type(e).__name__}: {detail})") from None
     if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{where}: unsupported converted format header {brief(header)}")

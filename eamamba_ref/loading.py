@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoint import CheckpointError, open_state, read_tensors
 from .config import ConfigError, MambaConfig, ModelConfig
 from .model import EAMamba, parameter_shapes
-from .untrusted import brief
+from .untrusted import brief, clip
 
 # The largest architecture a checkpoint may describe: 10x the official denoising model's 25.3 M.
 MAX_PARAMETERS = 256 * 2**20
@@ -50,7 +50,7 @@ def infer_config(sd, scan_type="diagonal"):
     except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as err:
         # a tensor missing, or of a rank/shape no EAMamba layer has
         raise CheckpointError(f"state dict does not look like an EAMamba model ({type(err).__name__}: "
-                              f"{brief(str(err))[1:-1]})") from None
+                              f"{clip(err)})") from None
 
 
 def _infer_config(sd, scan_type):

@@ -40,7 +40,7 @@ import zlib
 
 import numpy as np
 
-from .untrusted import brief
+from .untrusted import brief, clip
 
 __all__ = ["CheckpointError", "LazyTensor", "read_pth", "materialize", "check_read_budget"]
 
@@ -683,7 +683,7 @@ def read_pth(path, *, lazy: bool = False):
     except CheckpointError:
         raise
     except Exception as e:  # malformed pickles raise all sorts: keep it one clear error type
-        detail = brief(" ".join(str(e).split()))[1:-1]  # one line, clipped: the message may quote the file
+        detail = clip(e)  # one line, clipped: the message may quote the file
         raise CheckpointError(f"{archive.path}: malformed data.pkl ({type(e).__name__}: {detail})") from None
     return obj if lazy else materialize(obj)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import reprlib
 
-__all__ = ["brief"]
+__all__ = ["brief", "clip"]
 
 
 class _Brief(reprlib.Repr):
@@ -48,3 +48,9 @@ def brief(x) -> str:
         return _REPR.repr(x)
     except Exception:  # a hostile __len__/__iter__ or similar: the type is all we say
         return f"<{type(x).__name__}>"
+
+
+def clip(text, limit: int = 160) -> str:
+    """`text` (e.g. an exception's message, which may quote the file) on one line, at most ~`limit` chars."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2:]
