@@ -32,8 +32,9 @@ class ConfigError(ValueError):
     """A model configuration that cannot be built or run."""
 
 
-# Inclusive ranges a config may ask for. The released models use dim 64 (48-64 for SR), at most 7
-# blocks per level, d_state 16, expand 1-2, ffn factor 2-2.66, 3 or 6 input channels.
+# Inclusive ranges a config may ask for: far above the released models (the denoising one: dim 64,
+# blocks [4, 6, 6, 7], 2 refinement blocks, d_state 16, expand 1, ffn factor 2; dual-pixel: 6 input
+# channels), low enough that listing the architecture's tensors is instant.
 LIMITS = {
     "inp_channels": (1, 64), "out_channels": (1, 64), "dim": (1, 1024), "blocks per level": (0, 64),
     "levels (EAMambaSR groups)": (1, 32), "num_refinement_blocks": (0, 64), "ffn_expansion_factor": (0, 16),
@@ -187,8 +188,9 @@ class ModelConfig:
                 mamba = dataclasses.replace(mamba, scan_type=mamba.scan_type.lower())
         model_fields = {f.name for f in dataclasses.fields(cls)} - {"name", "mamba"}
         kwargs = {k: v for k, v in args.items() if k in model_fields}
-        if isinstance(kwargs.get("num_blocks"), list):        # JSON/YAML lists; validate() checks the items
-            kwargs["num_blocks"] = tuple(kwargs["num_blocks"])
+        blocks = kwargs.get("num_blocks")
+        if isinstance(blocks, (list, tuple)):       # JSON/YAML lists; validate() reports bad items
+            kwargs["num_blocks"] = tuple(int(b) if _is_int(b) else b for b in blocks)
         if isinstance(kwargs.get("channel_mixer_type"), str):
             kwargs["channel_mixer_type"] = kwargs["channel_mixer_type"].lower()
         defaults = {"eamamba": {}, "eamambasr": {"num_blocks": (4, 4, 4, 4), "upscale": 2}}[name]

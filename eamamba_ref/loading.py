@@ -152,7 +152,10 @@ def load(path, weights="ema", backend=None, scan_type=None, return_info=False):
     name, args, sd = state.name, state.args, state.tensors
     notes = []
     if name is None and args is None:
-        cfg = infer_config(sd, scan_type or "diagonal")
+        try:
+            cfg = infer_config(sd, scan_type or "diagonal")
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: the architecture its tensors describe is not usable: {err}") from None
         notes.append("bare state dict: architecture inferred from tensor shapes; scan ordering "
                      f"{cfg.mamba.scan_type!r} {'given' if scan_type else 'assumed (cannot be inferred)'}")
     else:

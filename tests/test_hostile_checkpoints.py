@@ -126,6 +126,13 @@ def with_nan(a):
     return a
 
 
+def bare_odd_dim(p):
+    # a bare state dict whose first conv says dim 9: the inferred architecture cannot exist
+    sd = {k: T(v) for k, v in tiny_params().items()}
+    sd["patch_embed.proj.weight"] = T(np.zeros((9, 3, 3, 3)))
+    return write_pth(p, sd)
+
+
 def pth_args_list(p):
     return write_pth(p, official(args=[1, 2, 3]))
 
@@ -178,6 +185,7 @@ CASES = {
     "string_num_blocks": (with_args(num_blocks="abc"), ".npz", "num_blocks must be a short list", ENTRY_POINTS),
     "float_num_blocks": (with_args(num_blocks=[1.5, 1, 1, 1]), ".npz", "num_blocks must be", ENTRY_POINTS),
     "pth_args_list": (pth_args_list, ".pth", "malformed 'name' or 'args'", STATE),
+    "bare_odd_dim": (bare_odd_dim, ".pth", "not usable: EAMamba needs an even dim", ENTRY_POINTS),
     "structured_weight": (with_weight("output.weight", lambda a: np.zeros(a.shape, [("x", "<f4")])), ".npz",
                           {"load_state": "must be real numbers", None: "floating point"}, STATE),
     "complex_weight": (with_weight("output.weight", lambda a: a.astype(np.complex64)), ".npz",
