@@ -283,9 +283,7 @@ def outcomes(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(MEMORY_LIMIT), str(CASE_TIMEOUT),
                            str(out)], capture_output=True, text=True, env=env, timeout=CASE_TIMEOUT * len(cases))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
-    print({name: round(r["seconds"], 2) for name, r in results.items()})
-    return results
+    return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("name", list(CASES))
