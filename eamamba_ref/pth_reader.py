@@ -498,13 +498,13 @@ def _check_key(key) -> int:
     """
     if type(key) is str:            # the common case, first
         return 1
-    todo, parts = [key], 0
+    todo, parts = [key], 1          # parts: every node seen, counted when first reached
     while todo:
         x = todo.pop()
-        parts += 1
         t = type(x)
         if t is tuple or t is frozenset:
-            if parts + len(x) > _MAX_KEY_PARTS:
+            parts += len(x)
+            if parts > _MAX_KEY_PARTS:
                 raise CheckpointError(f"a dict key or set member with more than {_MAX_KEY_PARTS} parts "
                                       "(nested tuples); refusing to hash it")
             todo.extend(x)

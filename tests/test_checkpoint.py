@@ -284,6 +284,9 @@ def test_plain_dict_keys_are_accepted(tmp_path, key):
     assert read_pth(write_archive(tmp_path / "k.pth", body)) == {key: None}
 
 
+THIRTY = [p_int(i) for i in range(30)]
+
+
 def nested(depth):
     return p_int(0) + b"\x85" * depth                    # ((((0,),),)...) by TUPLE1
 
@@ -292,11 +295,12 @@ def nested(depth):
     (nested(200_000), "more than 64 parts"),            # a plain unpickler segfaults hashing this key
     (b")q\x00" + b"0h\x00h\x00\x86q\x00" * 100, "more than 64 parts"),   # 2**100 leaves sharing 100 tuples
     (p_tuple(*[p_int(i) for i in range(65)]), "more than 64 parts"),
+    (p_tuple(*THIRTY, p_tuple(*THIRTY, p_tuple(*THIRTY))), "more than 64 parts"),  # < 64 per level, 93 in all
     (b"\x8a\x08" + (2**61 - 1).to_bytes(8, "little"), "61-bit integer"),         # LONG1
     (p_global("builtins", "complex") + p_tuple(b"G" + struct.pack(">d", 1.0), b"G" + struct.pack(">d", 2.0)) + b"R",
      "of type complex"),
     (p_tensor("0", 1, 0, (1,), (1,)), "of type LazyTensor"),
-], ids=["deep", "shared", "wide", "bigint", "complex", "tensor"])
+], ids=["deep", "shared", "wide", "zigzag", "bigint", "complex", "tensor"])
 def test_unsafe_dict_keys_are_refused_before_hashing(tmp_path, key_ops, match):
     body = b"}" + key_ops + b"Ns"
     path = write_archive(tmp_path / "k.pth", body, [("0", b"\0" * 4)])
