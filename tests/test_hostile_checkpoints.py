@@ -22,6 +22,9 @@ from pth_files import (ARGS, T, deflated_zeros, npy_header, official, p_int, tin
 
 from eamamba_ref.checkpoint import HEADER_KEY
 
+if not hasattr(os, "fork"):                       # the children are forked and rlimit'ed: POSIX only
+    pytest.skip("needs os.fork and resource limits (POSIX)", allow_module_level=True)
+
 MEMORY_LIMIT = 1536 * 2**20
 CASE_TIMEOUT = 120      # seconds for the three or four entry points of one case; a pass takes < 2 s
 
