@@ -1,8 +1,11 @@
-"""The restoration tasks of the official model zoo, and where their weights come from."""
+"""The restoration tasks of the official model zoo, where their weights come from, and `check_task`."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+from .checkpoint import CheckpointError
+from .untrusted import brief
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 OFFICIAL_CHECKPOINTS = "the 'Checkpoints' Google Drive folder linked in the README of github.com/daidaijr/EAMamba"
@@ -48,3 +51,28 @@ TASKS = {t.name: t for t in [
     Task("sr3", "lightweight super-resolution x3 (bicubic degradation)", "srx3-eamambasr-light", "eamambasr", 3),
     Task("sr4", "lightweight super-resolution x4 (bicubic degradation)", "srx4-eamambasr-light", "eamambasr", 4),
 ]}
+
+
+class TaskMismatchError(CheckpointError):
+    """Weights whose metadata records another task than the one asked for."""
+
+
+def check_task(weights_meta, task):
+    """Refuse weights recorded as trained for another task than `task`, in one line.
+
+    weights_meta: the ``meta`` dict of a converted file (``eamamba_ref.load(path, return_info=True)[1]
+    ["meta"]``) or None. Files written by ``python -m eamamba_ref.convert --task NAME`` and the bundled
+    demo weights record their task there; official checkpoints record none, so there is nothing to check.
+    task: a `Task` or a task name. Returns the recorded task name (None if none is recorded); raises
+    `TaskMismatchError` (a `CheckpointError`) when it differs from `task`.
+    """
+    name = task.name if isinstance(task, Task) else task
+    recorded = weights_meta.get("task") if isinstance(weights_meta, dict) else None
+    if recorded is None:
+        return None
+    if not isinstance(recorded, str):
+        raise TaskMismatchError(f"the weights' metadata records a task that is not a name: {brief(recorded)}")
+    if recorded != name:
+        raise TaskMismatchError(f"these weights were trained for task '{brief(recorded)[1:-1]}', not '{name}': "
+                                f"use --task {brief(recorded)[1:-1]}, or weights trained for '{name}'")
+    return recorded
