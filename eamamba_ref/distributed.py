@@ -137,19 +137,20 @@ _MODELS = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def worker_model(task_name, weights, backend):
-    """The model for a task, loaded at most once per worker process (threads share it).
+def worker_models(task_name, weights, backend):
+    """The task's models (`restore.TaskModels`), each loaded at most once per worker process
+    (threads share them).
 
     Keyed by the weights file's path, size and modification time, so a replaced file is reloaded.
     """
-    from .restore import load_task_model
+    from .restore import TaskModels
     task = TASKS[task_name]
     path = os.path.abspath(weights) if weights else task.bundled_path()
     stat = os.stat(path) if path and os.path.exists(path) else None
     key = (task_name, path, stat and (stat.st_size, stat.st_mtime_ns), backend)
-    with _MODELS_LOCK:                      # two threads of one worker must not both load it
+    with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = load_task_model(task, weights, backend)
+            _MODELS[key] = TaskModels(task, weights, backend)
         return _MODELS[key]
 
 
@@ -228,19 +229,15 @@ def restore_one(src, dst, settings: Settings):
     Never raises: a failure is a value, so it cannot stop the other images. Same steps as
     `restore.restore_files` (the tests check the outputs are identical), without its printing.
     """
-    from .restore import add_noise, from_model_output, restore_array, to_model_input
+    from .restore import restore_images
     try:
         if os.path.exists(dst) and not settings.overwrite:
             return ("skipped", src, dst, "output exists")
         task = TASKS[settings.task]
-        model = worker_model(settings.task, settings.weights, settings.backend)
+        models = worker_models(settings.task, settings.weights, settings.backend)
         image = read_image(src)
-        if settings.sigma is not None:
-            image = add_noise(image, settings.sigma, settings.seed)
-        y = restore_array(model, to_model_input([image], task), settings.tile, settings.overlap, settings.ensemble)
-        out, alpha = from_model_output(y, image, 1 if task.pre_upsample else task.scale)
-        if task.pre_upsample and alpha is not None:
-            alpha = np.repeat(np.repeat(alpha, task.scale, 0), task.scale, 1)
+        out, alpha = restore_images(task, models, [image], settings.sigma, settings.seed, settings.tile,
+                                    settings.overlap, settings.ensemble)
         with tagged(settings.run_tag):
             write_image(dst, out, image.bit_depth, alpha, overwrite=settings.overwrite)
         return ("written", src, dst, "")
@@ -495,13 +492,14 @@ def _restore_chunk(block, block_id=None, *, spec):
     bits = 8 if block.dtype == np.uint8 else 16
     color = 1 if block.shape[2] in (1, 2) else 3
     pixels = block[..., :color].astype(np.float32) / np.float32(255.0 if bits == 8 else 65535.0)
-    if color == 1:
+    # by the file's channel count (not by looking: every chunk must take the same model)
+    model = worker_models(spec["task"], spec["weights"], spec["backend"]).for_channels(color, spec.get("src", "the image"))
+    if color == 1 and model.config.inp_channels == 3:
         pixels = np.repeat(pixels, 3, axis=2)
     x = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
-    model = worker_model(spec["task"], spec["weights"], spec["backend"])
     y = tiled_region(model, x, (oy, ox), ((ry0, ry1), (rx0, rx1)), (H, W), spec["tile"], spec["overlap"])
     out = y[0].transpose(1, 2, 0)
-    if color == 1:
+    if color == 1 and out.shape[2] == 3:
         out = out.mean(axis=2, keepdims=True)
     out = to_integer(out, bits)
     if block.shape[2] in (2, 4):                                # alpha: passed through, resized

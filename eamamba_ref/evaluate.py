@@ -25,9 +25,10 @@ import numpy as np
 from . import metrics
 from .atomic import atomic_output, check_destination
 from .errors import command
-from .images import read_image
+from .images import Image, read_image
 from .layers import bicubic_upsample
-from .restore import RestoreError, default_backend, load_task_model, restore_array
+from .restore import (RestoreError, default_backend, from_model_output, load_task_model, restore_array,
+                      to_model_input)
 from .tasks import TASKS
 
 
@@ -113,8 +114,9 @@ def evaluate(task, model, paths, sigma=25.0, seed=0, baselines=("tv", "wavelet",
         x = np.ascontiguousarray(degraded.transpose(2, 0, 1)[None])
         if model is not None:
             t = time.time()
-            y = restore_array(model, x, tile)
-            outputs["EAMamba"] = (y[0].transpose(1, 2, 0), time.time() - t)
+            image = Image(degraded, None, 8)              # gray into a colour model: replicated, averaged
+            y = restore_array(model, to_model_input([image], task, model.config.inp_channels), tile)
+            outputs["EAMamba"] = (from_model_output(y, image, scale)[0], time.time() - t)
         if task.name == "denoise":
             outputs["noisy input"] = (degraded, 0.0)
             for name in baselines:             # timed one by one; all see the same noisy input
@@ -165,7 +167,8 @@ def main(argv=None):
     task = TASKS[args.task]
     if args.csv:                        # before the (long) evaluation, not after it
         check_destination(args.csv, args.overwrite)
-    model = None if args.no_model else load_task_model(task, args.weights, args.backend or default_backend())
+    model = None if args.no_model else load_task_model(task, args.weights, args.backend or default_backend(),
+                                                          channels=1 if args.gray else 3)
     paths = list_images(args.data)[: args.limit]
     which = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(","))
     unknown = set(which) - {"tv", "wavelet", "nlm", "bm3d"}

@@ -16,16 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 import numpy as np
 
 from . import inference, ssm
 from .atomic import check_destination, check_writable
 from .errors import RestoreError, command
-from .images import MAX_PIXELS, Image, ImageError, check_output, read_image, write_image
+from .images import MAX_PIXELS, Image, ImageError, check_output, is_gray, read_image, write_image
 from .layers import bicubic_upsample
 from .loading import load
-from .tasks import TASKS
+from .tasks import TASKS, check_task
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "kodim23_crop.png")
 DEMO_DIR = "eamamba_demo"          # where the demo writes without -o (in the current folder)
@@ -33,10 +34,11 @@ DEMO_DIR = "eamamba_demo"          # where the demo writes without -o (in the cu
 # RestoreError is imported from errors.py (and re-exported here): see that module for why.
 
 
-def load_task_model(task, weights=None, backend=None):
-    """The model for `task`: from `weights` (official .pth / converted .npz) or the bundled demo."""
+def load_task_model(task, weights=None, backend=None, channels=3):
+    """The model for `task`: from `weights` (official .pth / converted .npz) or the bundled demo
+    (`channels` 1: the task's bundled gray model)."""
     if weights is None:
-        path = task.bundled_path()
+        path = task.bundled_path(channels)
         if path is None:
             raise RestoreError(task.weights_help())
         if not os.path.exists(path):
@@ -48,7 +50,8 @@ def load_task_model(task, weights=None, backend=None):
             raise RestoreError(f"{path}: no such weights file")
         if os.path.isdir(path):
             raise RestoreError(f"{path} is a folder; --weights takes a weights file (official .pth or converted .npz)")
-    model = load(path, backend=backend)
+    model, info = load(path, backend=backend, return_info=True)
+    check_task(info.get("meta"), task)          # weights that record another task: refused
     cfg = model.config
     if cfg.name != task.model:
         raise RestoreError(f"{path} holds an {cfg.name} model, but task '{task.name}' needs an {task.model} model "
@@ -58,19 +61,69 @@ def load_task_model(task, weights=None, backend=None):
     if task.inputs == 2 and cfg.inp_channels != 6:
         raise RestoreError(f"{path} takes {cfg.inp_channels} input channels; '{task.name}' needs a dual-pixel "
                            f"model (6 channels: left and right views)")
-    if task.inputs == 1 and cfg.inp_channels != 3:
-        raise RestoreError(f"{path} takes {cfg.inp_channels} input channels; '{task.name}' needs an RGB model "
-                           f"(3 channels)" + (" — this looks like a dual-pixel model: use --task defocus-deblur"
-                                              if cfg.inp_channels == 6 else ""))
+    if task.inputs == 1 and cfg.inp_channels not in (1, 3):
+        raise RestoreError(f"{path} takes {cfg.inp_channels} input channels; '{task.name}' needs an RGB (3) or "
+                           f"gray (1) model" + (" — this looks like a dual-pixel model: use --task defocus-deblur"
+                                                if cfg.inp_channels == 6 else ""))
     return model
 
 
-def to_model_input(images, task):
-    """Images -> `(1, C, H, W)`: grayscale is replicated to RGB; the dual-pixel views are stacked."""
+class TaskModels:
+    """The models one run may use, each loaded once, on first use: the given weights, or the
+    task's bundled colour model and, for gray images, its bundled gray model.
+
+    Why two bundled models: a gray photo fed to a colour model as (g, g, g) carries one noise
+    field copied into three channels, a noise the colour model never saw; it comes back noisy.
+    """
+
+    def __init__(self, task, weights=None, backend=None):
+        self.task, self.weights, self.backend = task, weights, backend
+        self._loaded = {}
+        self._lock = threading.Lock()           # Dask worker threads share one TaskModels
+
+    def _load(self, channels):
+        key = None if self.weights is not None else channels
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = load_task_model(self.task, self.weights, self.backend, channels)
+            return self._loaded[key]
+
+    def check(self):
+        """Load the given weights now (a bad file fails before any image is read)."""
+        if self.weights is not None:
+            self._load(None)
+
+    def pick(self, image: Image, path="the image"):
+        """The model for `image`: gray images (one channel, or three equal ones) go to a 1-channel
+        model where there is one; a 1-channel model refuses colour images."""
+        return self.for_channels(1 if self.task.inputs == 1 and is_gray(image.pixels) else 3, path)
+
+    def for_channels(self, channels, path="the image"):
+        """The model for images of `channels` colour channels (1: gray, 3: RGB)."""
+        if self.weights is None:
+            return self._load(1 if channels == 1 and self.task.bundled_gray else 3)
+        model = self._load(None)
+        if model.config.inp_channels == 1 and channels != 1:
+            raise RestoreError(f"{self.weights} is a gray (1-channel) model and {path} is a colour image")
+        return model
+
+
+def as_model_channels(image: Image, channels):
+    """`image` with the pixels a `channels`-channel model reads: a gray image saved as RGB (three
+    equal channels) becomes one channel for a gray model; alpha and bit depth are kept."""
+    if channels == 1 and image.pixels.shape[2] == 3:
+        return Image(pixels=np.ascontiguousarray(image.pixels[..., :1]), alpha=image.alpha,
+                     bit_depth=image.bit_depth, path=image.path)
+    return image
+
+
+def to_model_input(images, task, channels=3):
+    """Images -> `(1, C, H, W)`: gray is replicated to RGB for a colour (`channels` 3) model; the
+    dual-pixel views are stacked."""
     planes = []
     for im in images:
         px = im.pixels
-        if px.shape[2] == 1:
+        if px.shape[2] == 1 and channels == 3:
             px = np.repeat(px, 3, axis=2)
         planes.append(px.transpose(2, 0, 1))
     x = np.ascontiguousarray(np.concatenate(planes, axis=0)[None], dtype=np.float32)
@@ -87,10 +140,13 @@ def restore_array(model, x, tile=None, overlap=32, use_ensemble=False, progress=
 
 
 def from_model_output(y, like: Image, scale):
-    """`(1, 3, H', W')` -> `(H', W', C)` matching the input's channels; alpha resized if needed."""
+    """`(1, C', H', W')` -> `(H', W', C)` with the input's C channels (a colour output of a gray
+    input is averaged, a gray output of an RGB input repeated); alpha resized if needed."""
     out = y[0].transpose(1, 2, 0)
-    if like.pixels.shape[2] == 1:
+    if like.pixels.shape[2] == 1 and out.shape[2] == 3:
         out = out.mean(axis=2, keepdims=True)
+    elif like.pixels.shape[2] == 3 and out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
     alpha = like.alpha
     if alpha is not None and scale != 1:       # alpha is not restored: nearest-neighbour resize
         alpha = np.repeat(np.repeat(alpha, scale, axis=0), scale, axis=1)
@@ -170,7 +226,7 @@ def psnr(a, b):
     return 10 * np.log10(1.0 / max(mse, 1e-12))
 
 
-def run_demo(task, model, args):
+def run_demo(task, models, args):
     """No input given: degrade the bundled sample, restore it, write result + comparison PNGs
     (into -o, default `eamamba_demo/` in the current folder)."""
     clean = read_image(SAMPLE)
@@ -188,8 +244,8 @@ def run_demo(task, model, args):
     result = os.path.join(out_dir, f"eamamba_demo_{task.name}.png")
     comparison = os.path.join(out_dir, f"eamamba_demo_{task.name}_comparison.png")
     check_outputs([([SAMPLE], result), ([SAMPLE], comparison)], args.overwrite)
-    y = restore_array(model, to_model_input([degraded], task), args.tile, args.tile_overlap, args.ensemble)
-    out, _ = from_model_output(y, degraded, task.scale)
+    out, _ = restore_images(task, models, [degraded], tile=args.tile, overlap=args.tile_overlap,
+                            ensemble=args.ensemble)
     write_image(result, out, 8, overwrite=args.overwrite)
     shown = degraded.pixels
     if task.scale > 1:                     # show the low-resolution input at the output's size
@@ -253,14 +309,16 @@ def main(argv=None):
 
     if args.list_tasks:
         for t in TASKS.values():
-            print(f"{t.name:15s} {t.description}" + ("  [bundled demo weights]" if t.bundled else ""))
+            bundled = " (colour + gray)" if t.bundled_gray else ""
+            print(f"{t.name:15s} {t.description}" + (f"  [bundled demo weights{bundled}]" if t.bundled else ""))
         return 0
     task = TASKS[args.task]
     check_numbers(args)
     backend = args.backend or default_backend()
-    model = load_task_model(task, args.weights, backend)
+    models = TaskModels(task, args.weights, backend)
+    models.check()
     if not args.inputs:
-        run_demo(task, model, args)
+        run_demo(task, models, args)
         return 0
     from .distributed import run_command, wants_cluster
     if wants_cluster(args):
@@ -275,7 +333,7 @@ def main(argv=None):
     plan = plan_outputs(groups, task, args.output)
     check_outputs(plan, args.overwrite)
     for group, out_path in plan:
-        restore_files(task, model, group, args, out_path)
+        restore_files(task, models, group, args, out_path)
     return 0
 
 
@@ -290,26 +348,45 @@ def check_numbers(args):
         raise RestoreError(f"--chunk must be a positive size in pixels, got {args.chunk}")
 
 
-def restore_files(task, model, paths, args, out_path):
+def restore_images(task, models, images, sigma=None, seed=0, tile=None, overlap=32, ensemble=False,
+                   progress=None, note=None):
+    """One group of images (one, or the two dual-pixel views) -> restored `(H', W', C)` pixels and
+    alpha, C as the first image's. The steps of every front end (restore, Dask batches).
+
+    The model comes from `models.pick` (gray images to a gray model where there is one); `sigma`
+    adds seeded noise first, on the channels the model reads; `note(line)` hears that an RGB image
+    with three equal channels is restored as gray.
+    """
+    first = images[0]
+    model = models.pick(first, first.path or "the image")
+    channels = model.config.inp_channels // task.inputs
+    if channels == 1 and first.pixels.shape[2] == 3 and note is not None:
+        note(f"{first.path}: its three colour channels are equal: restoring it as a gray image")
+    work = [as_model_channels(im, channels) for im in images]
+    if sigma is not None:
+        work = [add_noise(im, sigma, seed) for im in work]
+    y = restore_array(model, to_model_input(work, task, channels), tile, overlap, ensemble, progress)
+    return from_model_output(y, first, task.scale)      # alpha follows the output's size
+
+
+def restore_files(task, models, paths, args, out_path):
     """Restore one group of inputs (one image, or the two dual-pixel views) into `out_path`."""
     images = [read_image(p, getattr(args, "max_pixels", MAX_PIXELS)) for p in paths]
     if len(images) == 2 and images[0].pixels.shape != images[1].pixels.shape:
         raise RestoreError(f"the two dual-pixel views differ in size: {images[0].pixels.shape} vs {images[1].pixels.shape}")
-    if args.sigma is not None:
-        images = [add_noise(im, args.sigma, args.seed) for im in images]
     first = images[0]
     # format for this bit depth and alpha, folder, input, existing file: refused now, not after
     check_output(out_path, paths, args.overwrite, first.bit_depth, first.alpha is not None)
-    x = to_model_input(images, task)
-    H, W = x.shape[2:]
-    total = inference.n_tiles(H, W, args.tile, args.tile_overlap) * (4 if args.ensemble else 1)
+    up = task.scale if task.pre_upsample else 1
+    total = (inference.n_tiles(first.height * up, first.width * up, args.tile, args.tile_overlap)
+             * (4 if args.ensemble else 1))
     bar, update = _progress_bar(total, os.path.basename(paths[0]))
     try:
-        y = restore_array(model, x, args.tile, args.tile_overlap, args.ensemble, update)
+        out, alpha = restore_images(task, models, images, args.sigma, args.seed, args.tile, args.tile_overlap,
+                                    args.ensemble, update, note=print)
     finally:
         if bar is not None:
             bar.close()
-    out, alpha = from_model_output(y, first, task.scale)      # alpha follows the output's size
     write_image(out_path, out, first.bit_depth, alpha, overwrite=args.overwrite)
     print(f"{' + '.join(paths)} -> {out_path}")
 

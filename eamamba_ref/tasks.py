@@ -21,6 +21,7 @@ class Task:
     inputs: int = 1                 # 2 for dual-pixel defocus deblurring (left and right views)
     pre_upsample: bool = False      # RealSR: bicubic-upsample the LR input, restore at HR size
     bundled: str | None = None      # demo weights shipped in eamamba_ref/weights/
+    bundled_gray: str | None = None  # ... and a 1-channel model of them for gray images
 
     def weights_help(self):
         """How to get weights for this task, in one line."""
@@ -29,13 +30,15 @@ class Task:
                 f"`python -m eamamba_ref.convert CHECKPOINT.pth {self.name}.npz` and pass "
                 f"`--weights {self.name}.npz` (the .pth also works directly)")
 
-    def bundled_path(self):
-        return os.path.join(WEIGHTS_DIR, self.bundled) if self.bundled else None
+    def bundled_path(self, channels=3):
+        """The bundled weights for images of `channels` (1: gray, where the task has a gray model)."""
+        name = self.bundled_gray if channels == 1 else self.bundled
+        return os.path.join(WEIGHTS_DIR, name) if name else None
 
 
 TASKS = {t.name: t for t in [
     Task("denoise", "gaussian colour denoising (blind, sigma up to 50)", "denoise-eamamba", "eamamba",
-         bundled="denoise_demo.npz"),
+         bundled="denoise_demo.npz", bundled_gray="denoise_gray_demo.npz"),
     Task("real-denoise", "real camera noise (SIDD)", "sidd-eamamba", "eamamba"),
     Task("motion-deblur", "motion deblurring (GoPro)", "gopro-eamamba", "eamamba"),
     Task("defocus-deblur", "dual-pixel defocus deblurring (DPDD): two inputs, left and right view",
