@@ -18,10 +18,14 @@ channels), steps 1 and 2 are skipped and step 3 is the plain one-thread-per-chan
 thread keeps its N states in a local array of MAX_STATE floats (CUDA needs a compile-time size;
 N <= MAX_STATE is checked before launch).
 
-``fastmath=True`` makes CUDA use its fast exp and flush denormals to zero, so decayed states cost
-nothing on the GPU. This module imports numba.cuda; the package imports it only on demand, so
-everything else works without numba-cuda. Under NUMBA_ENABLE_CUDASIM=1 the kernels run in numba's
-CUDA simulator (on the CPU, slowly): the tests force several chunks on short sequences there.
+``fastmath=True`` (on the kernels and on `_walk`) makes CUDA use its fast exp (``__expf``, a few
+ulp off), flush denormals to zero (so decayed states cost nothing) and fuse multiply-adds. numba's
+CUDA simulator (NUMBA_ENABLE_CUDASIM=1, on the CPU, slowly) runs the kernels as Python and
+emulates none of that: it checks the indexing, the chunking and the carries (the tests launch
+several blocks at the real THREADS_PER_BLOCK and force several chunks on short sequences), while
+the agreement of the fast-math arithmetic with the NumPy scan is measured on a real GPU by
+benchmarks/gpu_check.py. This module imports numba.cuda; the package imports it only on demand,
+so everything else works without numba-cuda.
 """
 
 import math
@@ -35,7 +39,7 @@ TARGET_THREADS = 16384  # chunks are cut so that a scan has about this many thre
 MIN_CHUNK = 32  # ... but no chunk is shorter than this (the carries' walk is sequential)
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, fastmath=True)
 def _walk(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, b, d, t0, t1, h, y, write_y):
     """Steps t0..t1-1 of channel d of batch item b from the state h (updated in place); writes y
     when write_y. Returns the sum of delta over the steps."""
