@@ -70,8 +70,9 @@ SCRIPT = textwrap.dedent("""
 
     # ---- the tiled GEMM at its real tile (launch-independent: one block per 16 x 16 tile)
     # (M, K, N) = (37, 19, 21): 3 x 2 tiles, K over 2 steps; 2 items in b's batch, a shared;
-    # a per-item a (2 of them, like the per-direction projections) over 3 x 2 tiles and 3 K steps.
-    gemm_cases = [(r(1, 37, 19), r(2, 19, 21)), (r(2, 33, 40), r(2, 40, 18)), (r(1, 9, 1), r(1, 1, 6))]
+    # a per-item a (2 of them, like the per-direction projections) over 2 x 2 tiles and 3 K steps
+    # (2 row tiles and 2 items: not coprime, so mixing up the item and row-tile indices shows).
+    gemm_cases = [(r(1, 37, 19), r(2, 19, 21)), (r(2, 20, 40), r(2, 40, 18)), (r(1, 9, 1), r(1, 1, 6))]
     tiled = {"gemm_tiled": 0.0, "gemm_tiled_strided": 0.0, "gemm_blocks": 0}
     for a, b in gemm_cases:
         shape = (b.shape[0], a.shape[1], b.shape[2])

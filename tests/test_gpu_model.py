@@ -101,7 +101,7 @@ def test_gpu_check_script_rehearses_on_the_simulator(tmp_path):
                            "--repeats", "1", "--out", str(out)], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "GPU CHECK: PASS"
+    assert proc.stdout.strip().splitlines()[-1] == "GPU CHECK: PASS (CUDA simulator)"
     result = json.loads(out.read_text())
     assert result["verdict"] == "PASS" and not result["errors"]
     assert result["environment"]["device"] == "CUDA simulator"
