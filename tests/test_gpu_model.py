@@ -6,7 +6,7 @@ Each case runs in a fresh interpreter because the simulator is chosen when numba
 The models run the kernels a GPU runs, at the GPU's tile size: every product goes through the
 tiled 16 x 16 GEMM (several blocks each), every other kernel over several blocks (the cases record
 the grids, and the tests check them). The simulator is slow at that (each simulated thread is a
-Python thread): the toy U-Net's ~470 GEMM blocks take about a minute.
+Python thread): the toy U-Net's ~470 GEMM blocks take ~100 s of CPU time.
 """
 import json
 import os
