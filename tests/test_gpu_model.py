@@ -124,6 +124,7 @@ def test_cuda_is_opt_in_and_announced_once(monkeypatch, capsys):
         pytest.skip("the cuda backend has been verified on hardware")
     monkeypatch.delenv("EAMAMBA_BACKEND", raising=False)
     monkeypatch.setattr(ssm, "_cuda_noted", False)
+    monkeypatch.setattr(ssm, "_cuda_available", lambda: True)     # as on a machine with a GPU
     assert restore.default_backend() == "numba" and ssm.get_default_backend() == "numba"
 
     def user_code():

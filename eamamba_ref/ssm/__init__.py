@@ -112,9 +112,10 @@ def get_default_backend():
 
 def resolve_backend(name):
     """The backend a call with `backend=name` uses: the default for None, else the (checked) name.
-    The first 'cuda' of a process is announced as unverified (see `note_cuda_unverified`)."""
+    The first 'cuda' of a process that can run it is announced as unverified (see
+    `note_cuda_unverified`); without a GPU the call fails later with its own clear error."""
     resolved = get_default_backend() if name is None else _check_name(name, "backend=")
-    if resolved == "cuda":
+    if resolved == "cuda" and not _cuda_noted and _cuda_available():
         note_cuda_unverified()
     return resolved
 
