@@ -27,6 +27,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("numba.cuda")
@@ -259,3 +260,31 @@ def test_ops_looks_up_cpu_functions_at_call_time(monkeypatch):
     assert calls == [1]
     with pytest.raises(TypeError, match="NumPy array or a DeviceTensor"):
         ops.conv2d([[1.0]], np.ones((1, 1, 1, 1), np.float32))
+
+
+def test_uploads_have_canonical_strides_so_real_device_reshapes_work():
+    """A real device array reshapes only when its strides are the canonical C strides of its shape
+    (numba-cuda's extent check); NumPy leaves length-1 axes with other strides, e.g. (4, 0, 0)
+    for g[:, None, None]. Found on an H200: broadcasting such an operand failed there, never in
+    the simulator, so the upload itself must give canonical strides. (Simulator subprocess: the
+    upload only; the extent check is numba-cuda's own host-side code.)"""
+    script = textwrap.dedent("""
+        import json
+        import numpy as np
+        from eamamba_ref.gpu.tensor import DeviceTensor
+        g = np.arange(24, dtype=np.float32)
+        uploads = (g[:, None, None], g[None, :, None, None], g.reshape(4, 6)[:, :1], np.float32(3.0)[None])
+        print(json.dumps([[DeviceTensor.from_host(h).data.shape, DeviceTensor.from_host(h).data.strides]
+                          for h in uploads]))
+    """)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    from numba.cuda.cudadrv import dummyarray              # host-side code: no GPU needed
+
+    for shape, strides in json.loads(run.stdout.strip().splitlines()[-1]):
+        shape, strides = tuple(shape), tuple(strides)
+        assert strides == tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) * 4 for i in range(len(shape)))
+        d = dummyarray.Array.from_desc(0, shape, strides, 4)
+        _, extents = d.reshape(*((1,) + shape))
+        assert extents == [d.extent]                 # what a real DeviceNDArray.reshape requires

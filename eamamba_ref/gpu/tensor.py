@@ -32,7 +32,11 @@ class DeviceTensor:
 
     @classmethod
     def from_host(cls, array):
-        return cls(cuda.to_device(np.ascontiguousarray(array, dtype=np.float32)))
+        # Canonical C strides: NumPy may give length-1 axes any stride (g[:, None, None] has
+        # strides (4, 0, 0) even after ascontiguousarray), and a real device array with such
+        # strides refuses reshape ("operation requires copying"); the simulator never does.
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        return cls(cuda.to_device(array.reshape(-1).reshape(array.shape)))
 
     @classmethod
     def empty(cls, shape):
