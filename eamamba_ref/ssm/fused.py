@@ -27,10 +27,10 @@ kernel takes ~1.3 ns including dt_proj and its gathers (2.1 ns before the gather
 pixels of the steps ahead, see prefetch.py; 3.7 ns with the gather and scatter loops written
 inline in the prange body).
 """
-import numba
 import numpy as np
 from numba import njit, prange
 
+from .. import runtime
 from .cpu import BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS_PER_THREAD, recurrence
 from .fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
 from .prefetch import prefetch, prefetch_write
@@ -44,7 +44,7 @@ __all__ = ["dwconv_silu_pixel_major", "directional_scan", "layer_norm_gate", "ch
 
 def channels_per_task(batch, heads, channels_per_head, threads=None):
     """Channels of one head per scan task: up to MAX_TASK_CHANNELS, fewer if that leaves threads idle."""
-    threads = numba.get_num_threads() if threads is None else threads
+    threads = runtime.num_threads() if threads is None else threads
     wanted = -(-batch * heads * channels_per_head // (TASKS_PER_THREAD * threads))
     return max(1, min(channels_per_head, MAX_TASK_CHANNELS, wanted))
 
@@ -319,7 +319,7 @@ def mhssm_numba(p, x, size, cfg):
     `(B, K, C', L)` copy is made. Needs the 2-D conv and heads owning separate channels ('concate'
     or one direction). x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`.
     """
-    from .. import scans                 # the package imports this module: import on use
+    from .. import layers, scans         # the package imports this module: import on use
 
     if not cfg.conv_2d or (cfg.scan_merge_method != "concate" and cfg.scan_count > 1):
         raise ValueError("the fused MHSSM needs conv_2d and heads owning separate channels "
@@ -331,7 +331,7 @@ def mhssm_numba(p, x, size, cfg):
     b_in = p.get("in_proj.bias")
 
     # 1. in_proj, first half: x channel-first for the conv (the gate z comes after the scan)
-    xs = np.matmul(w_in[:d], x)                                           # (B, d, L)
+    xs = layers.matmul(w_in[:d], x)                                         # (B, d, L)
     if b_in is not None:
         xs += b_in[:d, None]
 
@@ -341,7 +341,7 @@ def mhssm_numba(p, x, size, cfg):
 
     # 3-5. x_proj of every pixel, per head; then the fused directional scans
     heads = u.reshape(B, L, K, Cp).transpose(0, 2, 1, 3)                 # (B, K, L, C') view
-    xdbl = np.matmul(heads, p["x_proj_weight"].transpose(0, 2, 1))      # (B, K, L, R + 2N)
+    xdbl = layers.matmul(heads, p["x_proj_weight"].transpose(0, 2, 1), "rows")      # (B, K, L, R + 2N)
     table = scans.direction_indices(cfg.scan_type, cfg.scan_count, size)
     y = directional_scan(u, xdbl, table, p["dt_projs_weight"], p["dt_projs_bias"].reshape(-1),
                          -np.exp(p["A_logs"]), p["Ds"])                  # (B, L, d)
@@ -351,13 +351,13 @@ def mhssm_numba(p, x, size, cfg):
     #    that it and xdbl (the largest array here) never coexist: peak memory at 512x512
     z = None
     if not cfg.disable_z_branch:
-        z = np.matmul(x.transpose(0, 2, 1), w_in[d:].T)                 # (B, L, d)
+        z = layers.matmul(x.transpose(0, 2, 1), w_in[d:].T, "rows")                 # (B, L, d)
         if b_in is not None:
             z += b_in[d:]
 
     # 7. LayerNorm * SiLU(z) in place, then out_proj back to channel-first (W_out y^T)
     y = layer_norm_gate(y, z, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5)
-    out = np.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))          # (B, C, L)
+    out = layers.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))          # (B, C, L)
     if "out_proj.bias" in p:
         out += p["out_proj.bias"][:, None]
     return out
