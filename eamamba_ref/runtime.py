@@ -95,9 +95,15 @@ def num_threads():
 
 
 def _blas_controller():
+    """threadpoolctl's controller, built once. threadpoolctl's import sets KMP_DUPLICATE_LIB_OK in
+    os.environ (for Intel OpenMP, should one load later); a variable the program did not have is
+    taken out again, so that running the model leaves the environment as it was."""
     global _controller
     if _controller is None:
+        had = "KMP_DUPLICATE_LIB_OK" in os.environ
         from threadpoolctl import ThreadpoolController
+        if not had:
+            os.environ.pop("KMP_DUPLICATE_LIB_OK", None)
         _controller = ThreadpoolController()
     return _controller
 
