@@ -53,6 +53,19 @@ _pool = None
 _pool_size = 0
 _pool_lock = threading.Lock()
 _numba_started = False
+_POOL_PREFIX = "eamamba-gemm"
+
+
+def _after_fork_in_child():
+    """A forked child has none of the parent's pool threads, and a lock may have been held by a
+    thread that is not there: start afresh (the pool is made again on first use)."""
+    global _lock, _pool_lock, _pool, _pool_size, _depth, _blas_limit
+    _lock, _pool_lock = threading.RLock(), threading.Lock()
+    _pool, _pool_size, _depth, _blas_limit = None, 0, 0, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def start_numba_threads():
@@ -137,7 +150,7 @@ def _executor(threads):
         if _pool is None or _pool_size != threads:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eamamba-gemm")
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_POOL_PREFIX)
             _pool_size = threads
         return _pool
 
@@ -147,6 +160,10 @@ def parallel_for(fn, n_tasks):
     inside `forward_threads()` so that each runs BLAS on one thread. The tasks must write to
     disjoint outputs; which thread runs which task does not matter to the result. Returns None;
     an exception of a task is raised here."""
+    if threading.current_thread().name.startswith(_POOL_PREFIX):
+        for i in range(n_tasks):          # a task of the pool itself: inline, never wait on the pool
+            fn(i)
+        return
     with forward_threads():
         threads = min(num_threads(), n_tasks)
         if threads <= 1:

@@ -206,3 +206,29 @@ def test_plain_scan_same_bits_for_any_task_layout():
     outs = [_with_threads(n, lambda: cpu.selective_scan_numba(*args)) for n in (1, 2, 3, 16)]
     for y, s in outs[1:]:
         assert y.tobytes() == outs[0][0].tobytes() and s.tobytes() == outs[0][1].tobytes()
+
+
+def test_gemm_pool_works_in_a_forked_child():
+    # The parent's pool threads do not exist in a forked child; the runtime must make a new pool
+    # there instead of queueing blocks for threads that will never run them (a hang).
+    script = (
+        "import multiprocessing as mp, numpy as np\n"
+        "from eamamba_ref import layers, runtime\n"
+        "a, b = np.ones((8, 16), np.float32), np.ones((16, 5000), np.float32)\n"
+        "runtime.num_threads = lambda: 2\n"
+        "layers.matmul(a, b)\n"
+        "def child(q):\n"
+        "    q.put(float(layers.matmul(a, b).sum()))\n"
+        "q = mp.get_context('fork').Queue()\n"
+        "p = mp.get_context('fork').Process(target=child, args=(q,))\n"
+        "p.start()\n"
+        "try:\n"
+        "    print(q.get(timeout=120))\n"
+        "finally:\n"
+        "    p.kill()\n"
+        "    p.join()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) == 8 * 16 * 5000
