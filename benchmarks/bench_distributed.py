@@ -77,7 +77,7 @@ def batch(tmp, weights, n_images, size, workers_list):
     for n in workers_list:
         with dist.connect("local", n) as client:
             warm = os.path.join(tmp, f"warm{n}")
-            client.run(dist.worker_model, "denoise", weights, "numba")      # weights loaded once per worker
+            client.run(lambda: dist.worker_models("denoise", weights, "numba").for_channels(3))  # loaded once per worker
             dist.restore_batch(paths[:n], settings, client, warm, progress=False)   # kernels warm everywhere
             t = time.perf_counter()
             report = dist.restore_batch(paths, settings, client, os.path.join(tmp, f"out{n}"), progress=False)
@@ -90,7 +90,7 @@ def large(tmp, weights, sizes, chunk, tile, overlap, workers):
     import tifffile
     rng = np.random.default_rng(1)
     with dist.connect("local", workers) as client:
-        client.run(dist.worker_model, "denoise", weights, "numba")
+        client.run(lambda: dist.worker_models("denoise", weights, "numba").for_channels(3))
         warm = os.path.join(tmp, "warm.tif")                 # compile the kernels on every worker first
         tifffile.imwrite(warm, rng.integers(0, 256, (2 * chunk, 2 * chunk, 3), dtype=np.uint8))
         dist.restore_large(warm, os.path.join(tmp, "warm_out.tif"), "denoise", weights, client=client,

@@ -4,15 +4,24 @@ The official constructors take keyword arguments (saved in every checkpoint as `
 training YAML). `ModelConfig.from_args(name, args)` reads them the way the official constructors
 do -- unknown keys are ignored, `scan_type` is lower-cased, `layernorm_type` (not the YAML's
 `LayerNorm_type`) selects the norm -- and `validate()` rejects what cannot run, with one clear line.
+
+Configs come from files, so `validate()` first checks every field's type (a string `dim`, a null
+`ffn_expansion_factor`, a list `mamba_cfg`...) and then caps what a config may ask for (`LIMITS`:
+far above every released model, far below what would exhaust memory or time before the weights
+could be checked), so a crafted config fails here in one line, not deep inside model building.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import scans
+from .untrusted import brief
 
 MODEL_NAMES = ("eamamba", "eamambasr")
 CHANNEL_MIXERS = ("simple", "gdfn", "ffn", "cca")
@@ -21,6 +30,82 @@ LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 class ConfigError(ValueError):
     """A model configuration that cannot be built or run."""
+
+
+# Inclusive ranges a config may ask for: far above the released models (the denoising one: dim 64,
+# blocks [4, 6, 6, 7], 2 refinement blocks, d_state 16, expand 1, ffn factor 2; dual-pixel: 6 input
+# channels), low enough that listing the architecture's tensors is instant.
+LIMITS = {
+    "inp_channels": (1, 64), "out_channels": (1, 64), "dim": (1, 1024), "blocks per level": (0, 64),
+    "levels (EAMambaSR groups)": (1, 32), "num_refinement_blocks": (0, 64), "ffn_expansion_factor": (0, 16),
+    "d_state": (1, 256), "d_conv": (1, 31), "expand": (0, 16), "dt_rank": (1, 1024),
+}
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+
+def _is_bool(v):
+    return isinstance(v, (bool, np.bool_))
+
+
+def _is_auto(v):
+    return isinstance(v, str) and v == "auto"
+
+
+def _is_name(v):
+    return isinstance(v, str) and len(v) <= 64
+
+
+def _type_problems(cfg):
+    """Fields of the wrong type, one message each (checked before any value is compared or used)."""
+    m = cfg.mamba
+    fields = [(name, getattr(cfg, name), _is_int, "an integer") for name in
+              ("inp_channels", "out_channels", "dim", "num_refinement_blocks", "upscale")]
+    fields += [("ffn_expansion_factor", cfg.ffn_expansion_factor, _is_real, "a number")]
+    fields += [(name, getattr(cfg, name), _is_bool, "true or false") for name in ("bias", "dual_pixel_task")]
+    fields += [(name, getattr(cfg, name), _is_name, "a short string")
+               for name in ("name", "layernorm_type", "channel_mixer_type")]
+    if not isinstance(m, MambaConfig):
+        return [f"mamba_cfg must be a dict of MHSSM settings, got {brief(m)}"]
+    fields += [(f"mamba_cfg.{name}", getattr(m, name), _is_int, "an integer")
+               for name in ("scan_count", "d_state", "d_conv")]
+    fields += [("mamba_cfg.expand", m.expand, _is_real, "a number"),
+               ("mamba_cfg.dt_rank", m.dt_rank, lambda v: _is_auto(v) or _is_int(v), "'auto' or an integer"),
+               ("mamba_cfg.scan_type", m.scan_type, lambda v: v is None or _is_name(v), "a short string or null"),
+               ("mamba_cfg.scan_merge_method", m.scan_merge_method, _is_name, "a short string")]
+    fields += [(f"mamba_cfg.{name}", getattr(m, name), _is_bool, "true or false")
+               for name in ("disable_z_branch", "conv_2d", "conv_bias", "bias")]
+    problems = [f"{name} must be {what}, got {brief(value)}" for name, value, ok, what in fields if not ok(value)]
+    blocks = cfg.num_blocks
+    if not (isinstance(blocks, tuple) and len(blocks) <= LIMITS["levels (EAMambaSR groups)"][1]
+            and all(_is_int(b) for b in blocks)):
+        problems.append(f"num_blocks must be a short list of integers, got {brief(blocks)}")
+    return problems
+
+
+def _limit_problems(cfg):
+    """Values outside `LIMITS` (types already checked)."""
+    m = cfg.mamba
+    values = [("inp_channels", cfg.inp_channels), ("out_channels", cfg.out_channels), ("dim", cfg.dim),
+              ("num_refinement_blocks", cfg.num_refinement_blocks),
+              ("ffn_expansion_factor", cfg.ffn_expansion_factor), ("d_state", m.d_state), ("d_conv", m.d_conv),
+              ("expand", m.expand), ("levels (EAMambaSR groups)", len(cfg.num_blocks))]
+    values += [("blocks per level", b) for b in cfg.num_blocks]
+    if not _is_auto(m.dt_rank):
+        values.append(("dt_rank", m.dt_rank))
+    problems = []
+    for name, v in values:
+        lo, hi = LIMITS[name]
+        # ranges of reals are open below (expand and the ffn factor must be positive)
+        if not (lo < v <= hi if name in ("ffn_expansion_factor", "expand") else lo <= v <= hi):
+            problems.append(f"{name} {brief(v)} is outside the supported range {lo}..{hi}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -46,7 +131,7 @@ class MambaConfig:
         return int(self.expand * d_model)
 
     def resolved_dt_rank(self, d_model):
-        return math.ceil(d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
+        return math.ceil(d_model / 16) if _is_auto(self.dt_rank) else int(self.dt_rank)
 
     def heads(self, d_model):
         """(K, C'): directions and channels per direction of the selective scans."""
@@ -83,13 +168,17 @@ class ModelConfig:
     def from_args(cls, name, args):
         """Build from an official model name and constructor/YAML `args` dict (unknown keys ignored)."""
         if name not in MODEL_NAMES:
-            raise ConfigError(f"unknown model name {name!r}; expected 'eamamba' or 'eamambasr'")
+            raise ConfigError(f"unknown model name {brief(name)}; expected 'eamamba' or 'eamambasr'")
+        if not (args is None or isinstance(args, dict)):
+            raise ConfigError(f"args must be a dict of constructor arguments, got a {type(args).__name__}")
         args = dict(args or {})
         if args.get("mamba_cfg") is None:
             # the official constructors cannot run without one; use the released setting
             # (as the PyTorch reference does)
             mamba = RELEASED_MAMBA
         else:
+            if not isinstance(args["mamba_cfg"], dict):
+                raise ConfigError(f"mamba_cfg must be a dict of MHSSM settings, got {brief(args['mamba_cfg'])}")
             mcfg = dict(args["mamba_cfg"])
             if mcfg.get("scan_count") is None:
                 raise ConfigError("mamba_cfg has no scan_count (1, 2, 4 or 8); the official code requires it")
@@ -99,10 +188,11 @@ class ModelConfig:
                 mamba = dataclasses.replace(mamba, scan_type=mamba.scan_type.lower())
         model_fields = {f.name for f in dataclasses.fields(cls)} - {"name", "mamba"}
         kwargs = {k: v for k, v in args.items() if k in model_fields}
-        if "num_blocks" in kwargs:
-            kwargs["num_blocks"] = tuple(int(b) for b in kwargs["num_blocks"])
-        if kwargs.get("channel_mixer_type") is not None:
-            kwargs["channel_mixer_type"] = str(kwargs["channel_mixer_type"]).lower()
+        blocks = kwargs.get("num_blocks")
+        if isinstance(blocks, (list, tuple)):       # JSON/YAML lists; validate() reports bad items
+            kwargs["num_blocks"] = tuple(int(b) if _is_int(b) else b for b in blocks)
+        if isinstance(kwargs.get("channel_mixer_type"), str):
+            kwargs["channel_mixer_type"] = kwargs["channel_mixer_type"].lower()
         defaults = {"eamamba": {}, "eamambasr": {"num_blocks": (4, 4, 4, 4), "upscale": 2}}[name]
         if name == "eamambasr":     # U-Net-only options: EAMambaSR ignores them, so normalise them
             kwargs.update(num_refinement_blocks=0, dual_pixel_task=False)
@@ -135,15 +225,19 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self):
+        problems = _type_problems(self)
+        if not problems:
+            problems = _limit_problems(self)
+        if problems:                        # the value checks below assume sane types and sizes
+            raise ConfigError("; ".join(problems))
         m = self.mamba
-        problems = []
         if self.name not in MODEL_NAMES:
-            problems.append(f"unknown model name {self.name!r}")
+            problems.append(f"unknown model name {brief(self.name)}")
         if self.layernorm_type not in LAYERNORM_TYPES:
-            problems.append(f"layernorm_type must be 'WithBias' or 'BiasFree', got {self.layernorm_type!r}")
+            problems.append(f"layernorm_type must be 'WithBias' or 'BiasFree', got {brief(self.layernorm_type)}")
         if self.channel_mixer_type not in CHANNEL_MIXERS:
             problems.append(f"channel_mixer_type must be one of Simple, GDFN, FFN, CCA, "
-                            f"got {self.channel_mixer_type!r}")
+                            f"got {brief(self.channel_mixer_type)}")
         if self.dim < 1 or any(b < 0 for b in self.num_blocks):
             problems.append(f"dim and num_blocks must be positive, got {self.dim}, {self.num_blocks}")
         if self.name == "eamamba":
@@ -169,9 +263,11 @@ class ModelConfig:
             problems.append(f"d_state, d_conv and expand must be positive, got {m.d_state}, {m.d_conv}, {m.expand}")
         if m.conv_2d and m.d_conv % 2 == 0:
             problems.append(f"conv_2d needs an odd d_conv (same-size padding), got {m.d_conv}")
-        if m.dt_rank != "auto" and (not isinstance(m.dt_rank, int) or m.dt_rank < 1):
-            problems.append(f"dt_rank must be 'auto' or a positive integer, got {m.dt_rank!r}")
-        if m.scan_merge_method == "concate" and m.scan_count > 1:
+        if not _is_auto(m.dt_rank) and m.dt_rank < 1:
+            problems.append(f"dt_rank must be 'auto' or a positive integer, got {brief(m.dt_rank)}")
+        if any(m.d_inner(width) < 1 for width in self.stage_widths()):
+            problems.append(f"expand {m.expand} leaves no MHSSM channels at width {self.dim}")
+        elif m.scan_merge_method == "concate" and m.scan_count > 1:
             for width in self.stage_widths():
                 d = m.d_inner(width)
                 if d % m.scan_count:

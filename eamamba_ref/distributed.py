@@ -20,10 +20,12 @@ machine that is automatic; on a multi-machine cluster use a shared filesystem.
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
+import secrets
+import signal
 import sys
-import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
@@ -32,13 +34,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import inference
-from .images import ImageError, read_image, to_integer, write_image
+from .atomic import atomic_output, check_writable, remove_temporaries, tagged
+from .errors import Interrupted, RestoreError, one_line
+from .images import ImageError, read_image, tiff_page, to_integer, write_image
 from .tasks import TASKS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DASK_EXTRA = 'pip install "eamamba_ref[dask]"'
+CONNECT_TIMEOUT = 5         # seconds to reach a running scheduler (distributed's default, 30 s, is long for a typo)
 
 
 # --------------------------------------------------------------------------- the cluster
+def require_dask():
+    """The `distributed` package, or a one-line `RestoreError` naming the extra that installs it."""
+    try:
+        import dask  # noqa: F401
+        import distributed
+    except ImportError as err:
+        raise RestoreError(f"folders, globs, --scheduler, --workers and --chunk run on Dask, which is not "
+                           f"installed (no module {err.name or 'distributed'!r}): {DASK_EXTRA}") from None
+    return distributed
+
+
 @contextmanager
 def connect(scheduler=None, workers=None):
     """A `distributed.Client`, closed (with its cluster) on exit.
@@ -46,54 +63,94 @@ def connect(scheduler=None, workers=None):
     scheduler: None or 'local' starts a LocalCluster of `workers` processes (default: one per CPU
     core), one thread each, with the Numba threads split between them so that the workers do not
     oversubscribe the cores; anything else is the address of a running scheduler
-    ('tcp://host:8786'), whose workers are used as they are.
+    ('tcp://host:8786'), whose workers are used as they are; one that cannot be reached within
+    `CONNECT_TIMEOUT` seconds is a `RestoreError`.
     """
-    from distributed import Client, LocalCluster
-
-    from .restore import RestoreError
+    dd = require_dask()
     if scheduler in (None, "local"):
         cores = os.cpu_count() or 1
         n = cores if workers is None else workers
         if n < 1:
             raise RestoreError(f"--workers must be >= 1, got {n}")
         env = {"NUMBA_NUM_THREADS": str(max(1, cores // n))}
-        with warnings.catch_warnings():     # another cluster holds the default HTTP port: any port will do
-            warnings.filterwarnings("ignore", message="Port .* is already in use")
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   env=env)
-        client = Client(cluster)
+        cluster = client = None
         try:
+            with warnings.catch_warnings(), _ctrl_c_for_this_process_only():
+                # another cluster holds the default HTTP port: any port will do
+                warnings.filterwarnings("ignore", message="Port .* is already in use")
+                # silence_logs: the workers' and nannies' WARNINGs are shutdown noise here (a task
+                # cancelled by Ctrl-C, a slow worker killed at the end); errors are still shown
+                cluster = dd.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                          dashboard_address=None, env=env, silence_logs=logging.ERROR)
+            client = dd.Client(cluster)
             yield client
         finally:
-            client.close()
-            cluster.close()
+            _close(client, cluster)
     else:
         if workers is not None:
             raise RestoreError("--workers sizes a local cluster; a running scheduler brings its own workers")
-        client = Client(scheduler)
+        try:
+            client = dd.Client(scheduler, timeout=CONNECT_TIMEOUT)
+        except (OSError, ValueError, TypeError) as err:      # refused, timed out, not an address
+            raise RestoreError(f"cannot connect to the Dask scheduler at {scheduler} ({one_line(err)}); is "
+                               f"`dask scheduler` running there? (--scheduler local starts a local cluster)") from None
         try:
             yield client
         finally:
             client.close()
+
+
+@contextmanager
+def _ctrl_c_for_this_process_only():
+    """Start worker processes that ignore Ctrl-C (SIGINT); this process keeps it.
+
+    The terminal sends Ctrl-C to the whole process group, workers included; a worker interrupted
+    while it imports or runs prints its own traceback and leaves the cluster half-dead. An ignored
+    signal stays ignored across exec (and Python then installs no KeyboardInterrupt handler), so
+    SIGINT is ignored while the workers are spawned, then this process's handler is put back: it
+    alone turns Ctrl-C into KeyboardInterrupt and closes the cluster, whose nannies end the workers.
+    The price: a Ctrl-C during the cluster's start-up (seconds) is not seen; press it again.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield                               # signal handlers can only be changed from the main thread
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if old is None else old)
+
+
+def _close(client, cluster):
+    """Close the client, then the cluster and its workers (either may be None: start-up failed).
+
+    A worker that is slow to exit (a busy machine) is killed by its nanny, which distributed logs
+    as a WARNING although every result is already written: `silence_logs=logging.ERROR` above
+    keeps that quiet until the cluster is closed."""
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 _MODELS = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def worker_model(task_name, weights, backend):
-    """The model for a task, loaded at most once per worker process (threads share it).
+def worker_models(task_name, weights, backend):
+    """The task's models (`restore.TaskModels`), each loaded at most once per worker process
+    (threads share them).
 
     Keyed by the weights file's path, size and modification time, so a replaced file is reloaded.
     """
-    from .restore import load_task_model
+    from .restore import TaskModels
     task = TASKS[task_name]
     path = os.path.abspath(weights) if weights else task.bundled_path()
     stat = os.stat(path) if path and os.path.exists(path) else None
     key = (task_name, path, stat and (stat.st_size, stat.st_mtime_ns), backend)
-    with _MODELS_LOCK:                      # two threads of one worker must not both load it
+    with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = load_task_model(task, weights, backend)
+            _MODELS[key] = TaskModels(task, weights, backend)
         return _MODELS[key]
 
 
@@ -110,6 +167,7 @@ class Settings:
     sigma: float | None = None
     seed: int = 0
     overwrite: bool = False
+    run_tag: str = ""           # names this run's temporary files (see atomic.tagged)
 
 
 @dataclass
@@ -130,7 +188,6 @@ def find_images(specs):
     Outputs of an earlier run in the same folder (`a_denoise.png` next to `a.png`) are not inputs:
     that is what `_drop_own_outputs` removes once the task is known.
     """
-    from .restore import RestoreError
     found = []
     for spec in specs:
         if os.path.isdir(spec):
@@ -157,18 +214,13 @@ def _drop_own_outputs(paths, task):
 
 
 def plan_outputs(paths, task, out_dir=None):
-    """(input, output) pairs with the restore command's naming; two inputs may not share an output."""
-    from .restore import RestoreError, default_output
-    pairs, seen = [], {}
-    for p in paths:
-        dst = default_output(p, task, out_dir)
-        key = os.path.abspath(dst)
-        if key in seen:
-            raise RestoreError(f"{seen[key]} and {p} would both be written to {dst}; restore them into "
-                               f"different --out folders")
-        seen[key] = p
-        pairs.append((p, dst))
-    return pairs
+    """(input, output) pairs with the restore command's naming; two inputs may not share an output.
+
+    `out_dir` is a folder (created if needed), whatever its name."""
+    from .restore import output_folder, plan_outputs as plan
+    if out_dir:
+        output_folder(out_dir)
+    return [(group[0], dst) for group, dst in plan([[p] for p in paths], task, out_dir)]
 
 
 def restore_one(src, dst, settings: Settings):
@@ -177,20 +229,17 @@ def restore_one(src, dst, settings: Settings):
     Never raises: a failure is a value, so it cannot stop the other images. Same steps as
     `restore.restore_files` (the tests check the outputs are identical), without its printing.
     """
-    from .restore import add_noise, from_model_output, restore_array, to_model_input
+    from .restore import restore_images
     try:
         if os.path.exists(dst) and not settings.overwrite:
             return ("skipped", src, dst, "output exists")
         task = TASKS[settings.task]
-        model = worker_model(settings.task, settings.weights, settings.backend)
+        models = worker_models(settings.task, settings.weights, settings.backend)
         image = read_image(src)
-        if settings.sigma is not None:
-            image = add_noise(image, settings.sigma, settings.seed)
-        y = restore_array(model, to_model_input([image], task), settings.tile, settings.overlap, settings.ensemble)
-        out, alpha = from_model_output(y, image, 1 if task.pre_upsample else task.scale)
-        if task.pre_upsample and alpha is not None:
-            alpha = np.repeat(np.repeat(alpha, task.scale, 0), task.scale, 1)
-        write_image(dst, out, image.bit_depth, alpha, overwrite=settings.overwrite)
+        out, alpha = restore_images(task, models, [image], settings.sigma, settings.seed, settings.tile,
+                                    settings.overlap, settings.ensemble)
+        with tagged(settings.run_tag):
+            write_image(dst, out, image.bit_depth, alpha, overwrite=settings.overwrite)
         return ("written", src, dst, "")
     except ImageError as err:
         if "exists" in str(err) and os.path.exists(dst):     # another run wrote it meanwhile
@@ -214,9 +263,7 @@ def restore_batch(paths, settings: Settings, client, out_dir=None, progress=True
 
     task = TASKS[settings.task]
     if task.inputs != 1:
-        raise _restore_error(f"task '{task.name}' takes two views per image; restore its pairs one by one")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
+        raise RestoreError(f"task '{task.name}' takes two views per image; restore its pairs one by one")
     report = BatchReport()
     todo = []
     for src, dst in plan_outputs(paths, task, out_dir):
@@ -226,7 +273,7 @@ def restore_batch(paths, settings: Settings, client, out_dir=None, progress=True
             todo.append((src, dst))
     futures = {client.submit(restore_one, src, dst, settings, pure=False): (src, dst) for src, dst in todo}
     with tqdm(total=len(futures), desc=f"restoring ({task.name})", unit="image", file=sys.stderr,
-              disable=not progress or not futures) as bar:
+              disable=not progress or not futures) as bar, _interruptible(report, len(paths)):
         for fut in as_completed(futures):
             src, dst = futures[fut]
             if fut.status == "error":            # the worker died (e.g. out of memory) or was lost
@@ -248,9 +295,14 @@ def restore_batch(paths, settings: Settings, client, out_dir=None, progress=True
     return report
 
 
-def _restore_error(msg):
-    from .restore import RestoreError
-    return RestoreError(msg)
+@contextmanager
+def _interruptible(report, total):
+    """Ctrl-C becomes `Interrupted` saying how much is done (every written output is complete)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = len(report.written) + len(report.skipped)
+        raise Interrupted(f"interrupted; {done} of {total} done, rerun to resume") from None
 
 
 # ----------------------------------------------------------- one image larger than memory
@@ -333,7 +385,7 @@ def halo(size, chunks, tile, overlap):
 
 
 class TiffRegions:
-    """Read rectangular regions `(h, w, C)` of the first page of a TIFF, without reading the rest.
+    """Read rectangular regions `(h, w, C)` of a TIFF's image, without reading the rest.
 
     Uncompressed contiguous files are memory-mapped; tiled or striped (and compressed) files decode
     only the tiles/strips that touch the region. Picklable (it holds the path only), so Dask
@@ -345,15 +397,24 @@ class TiffRegions:
         self.path = os.fspath(path)
         try:
             with tifffile.TiffFile(self.path) as tif:
-                pages = len(tif.pages)
-                page = tif.pages[0]
+                page = tiff_page(tif, self.path)        # one image; thumbnails are skipped
                 shape, dtype = page.shape, page.dtype
+                self.index = page.index
                 self.contiguous = page.is_contiguous and not page.is_tiled
                 self.separate = page.planarconfig == 2
+                photometric = int(page.photometric)
+                orientation = int(page.tags.valueof(274, default=1) or 1)
+        except ImageError:
+            raise
         except Exception as err:
             raise ImageError(f"{self.path}: cannot read TIFF ({type(err).__name__}: {err})") from None
-        if pages > 1:
-            raise ImageError(f"{self.path}: holds {pages} pages; chunked restore reads single-image TIFFs")
+        if photometric not in (1, 2):                # chunks are restored as stored: gray or RGB only
+            kind = {0: "min-is-white", 3: "palette", 5: "CMYK"}.get(photometric, f"photometric {photometric}")
+            raise ImageError(f"{self.path}: chunked restore reads gray or RGB TIFFs, this one is {kind}: "
+                             f"save it as RGB (or restore it without --chunk)")
+        if orientation != 1:                         # read_image turns it upright; chunks cannot
+            raise ImageError(f"{self.path}: chunked restore reads upright TIFFs, this one has orientation "
+                             f"{orientation}: rotate it first (or restore it without --chunk)")
         if page.is_tiled and getattr(page, "tiledepth", 1) > 1 or len(shape) not in (2, 3):
             raise ImageError(f"{self.path}: unsupported TIFF layout {shape} (2-D images only)")
         if len(shape) == 3 and self.separate:                # (C, H, W) planes
@@ -370,7 +431,7 @@ class TiffRegions:
         x0, x1, _ = xs.indices(self.shape[1])
         if self.contiguous:
             import tifffile
-            mm = tifffile.memmap(self.path, mode="r")
+            mm = tifffile.memmap(self.path, page=self.index, mode="r")
             region = np.array(mm[y0:y1, x0:x1] if not self.separate else np.moveaxis(mm[:, y0:y1, x0:x1], 0, -1))
             del mm
         else:
@@ -382,7 +443,7 @@ class TiffRegions:
         import tifffile
         out = np.zeros((y1 - y0, x1 - x0, self.shape[2]), self.dtype)
         with tifffile.TiffFile(self.path) as tif:
-            page = tif.pages[0]
+            page = tif.pages[self.index]
             H, W, C = self.shape
             if page.is_tiled:
                 sh, sw = page.tilelength, page.tilewidth
@@ -431,13 +492,14 @@ def _restore_chunk(block, block_id=None, *, spec):
     bits = 8 if block.dtype == np.uint8 else 16
     color = 1 if block.shape[2] in (1, 2) else 3
     pixels = block[..., :color].astype(np.float32) / np.float32(255.0 if bits == 8 else 65535.0)
-    if color == 1:
+    # by the file's channel count (not by looking: every chunk must take the same model)
+    model = worker_models(spec["task"], spec["weights"], spec["backend"]).for_channels(color, spec.get("src", "the image"))
+    if color == 1 and model.config.inp_channels == 3:
         pixels = np.repeat(pixels, 3, axis=2)
     x = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
-    model = worker_model(spec["task"], spec["weights"], spec["backend"])
     y = tiled_region(model, x, (oy, ox), ((ry0, ry1), (rx0, rx1)), (H, W), spec["tile"], spec["overlap"])
     out = y[0].transpose(1, 2, 0)
-    if color == 1:
+    if color == 1 and out.shape[2] == 3:
         out = out.mean(axis=2, keepdims=True)
     out = to_integer(out, bits)
     if block.shape[2] in (2, 4):                                # alpha: passed through, resized
@@ -450,14 +512,14 @@ def _restore_chunk(block, block_id=None, *, spec):
 def check_chunked(task, chunk, tile, overlap):
     """Validate a chunked-restore request (`RestoreError`); returns the chunk size to use."""
     if task.inputs != 1 or task.pre_upsample:
-        raise _restore_error(f"task '{task.name}' cannot be restored chunk by chunk "
-                             + ("(it takes two views)" if task.inputs != 1 else
-                                "(its bicubic pre-upsampling needs the whole image)"))
+        raise RestoreError(f"task '{task.name}' cannot be restored chunk by chunk "
+                           + ("(it takes two views)" if task.inputs != 1 else
+                              "(its bicubic pre-upsampling needs the whole image)"))
     if tile is None or tile < 8 or not 0 <= overlap < tile:
-        raise _restore_error(f"chunked restore needs --tile >= 8 and --tile-overlap in [0, tile), got {tile}, {overlap}")
+        raise RestoreError(f"chunked restore needs --tile >= 8 and --tile-overlap in [0, tile), got {tile}, {overlap}")
     chunk = chunk or max(tile, 8 * (tile - overlap))
     if chunk < tile:
-        raise _restore_error(f"--chunk ({chunk}) must be at least the tile size ({tile})")
+        raise RestoreError(f"--chunk ({chunk}) must be at least the tile size ({tile})")
     return chunk
 
 
@@ -506,16 +568,11 @@ def restore_large(in_path, out_path, task_name="denoise", weights=None, *, clien
     if not os.path.isfile(in_path):
         raise ImageError(f"{in_path}: no such file")
     if os.path.abspath(in_path) == os.path.abspath(out_path):
-        raise _restore_error(f"{out_path} is the input file; refusing to overwrite it")
-    if os.path.exists(out_path) and not overwrite:
-        raise ImageError(f"{out_path} exists; refusing to overwrite it (pass --overwrite)")
+        raise RestoreError(f"{out_path} is the input file; refusing to overwrite it")
     source = TiffRegions(in_path)
     y = large_array(source, task_name, weights, backend, chunk, tile, overlap)
     shape = y.shape if source.shape[2] > 1 else y.shape[:2]
-    directory = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".eamamba-", suffix=".tif", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_output(out_path, overwrite, suffix=".tif", error=ImageError) as tmp:
         tifffile.memmap(tmp, shape=shape, dtype=y.dtype).flush()   # header + zero pixels on disk
         stored = y.store(_TiffWriter(tmp), lock=False, compute=False)
         if client is not None:
@@ -530,16 +587,6 @@ def restore_large(in_path, out_path, task_name="denoise", weights=None, *, clien
                 dask.compute(stored)
         else:
             dask.compute(stored)
-        if overwrite:
-            os.replace(tmp, out_path)
-        else:
-            try:
-                os.link(tmp, out_path)           # fails if it appeared meanwhile: never clobber
-            except FileExistsError:
-                raise ImageError(f"{out_path} exists; refusing to overwrite it (pass --overwrite)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out_path
 
 
@@ -551,42 +598,66 @@ def wants_cluster(args):
 
 
 def run_command(task, args, backend):
-    """The restore command's cluster mode; returns the exit status (0 all done, 1 some failed)."""
-    from .restore import RestoreError
+    """The restore command's cluster mode; returns the exit status (0 all done, 1 some failed).
+
+    Every check that can fail without the cluster (Dask installed, inputs, output names and
+    folders) runs before the cluster starts, so a bad request costs no start-up time.
+    """
+    from .restore import names_a_file, output_folder
+    require_dask()
     if task.inputs != 1:
         raise RestoreError(f"task '{task.name}' takes two views per image; folders, globs, --scheduler "
                            f"and --chunk serve single-image tasks")
     paths = _drop_own_outputs(find_images(args.inputs), task)
-    single_file_out = args.output and os.path.splitext(args.output)[1]
+    single_file_out = names_a_file(args.output)
     if single_file_out and (len(paths) != 1 or not args.chunk):
         raise RestoreError("with folders, globs or a cluster, --out must be a folder, not a file name")
+    out_dir = output_folder(args.output) if args.output and not single_file_out else None
     if args.chunk:
         if args.ensemble or args.sigma is not None:
             raise RestoreError("--chunk restores the image as it is: no --ensemble or --sigma")
         check_chunked(task, args.chunk, args.tile or 256, args.tile_overlap)
+        pairs = [(src, args.output if single_file_out else _tiff_name(src, task, out_dir)) for src in paths]
+    else:
+        pairs = plan_outputs(paths, task, out_dir)
+    for folder in sorted({os.path.dirname(os.path.abspath(dst)) for _, dst in pairs}):
+        if not os.path.isdir(folder):
+            raise RestoreError(f"output folder {folder} does not exist")
+        check_writable(folder)             # read-only or full: one line now, not one failure per image
+    if not args.overwrite and all(os.path.exists(dst) for _, dst in pairs):
+        print(summary(BatchReport(skipped=pairs)))      # a finished rerun: no cluster to start
+        return 0
+    tag = f"run{os.getpid()}x{secrets.token_hex(3)}"
+    try:
+        return _run_on_cluster(task, args, backend, paths, pairs, out_dir, tag)
+    finally:                                # a worker killed mid-write (Ctrl-C) leaves its temp file
+        remove_temporaries([os.path.dirname(os.path.abspath(dst)) for _, dst in pairs], tag)
+
+
+def _run_on_cluster(task, args, backend, paths, pairs, out_dir, tag):
     with connect(args.scheduler, args.workers) as client:
         if args.chunk:                      # one large image after the other, each over the whole cluster
             report = BatchReport()
-            for src in paths:
-                dst = args.output if single_file_out else _tiff_name(src, task, args.output)
-                if os.path.exists(dst) and not args.overwrite:
-                    report.skipped.append((src, dst))
-                    continue
-                try:
-                    restore_large(src, dst, task.name, args.weights, client=client, chunk=args.chunk,
-                                  tile=args.tile or 256, overlap=args.tile_overlap, backend=backend,
-                                  overwrite=args.overwrite)
-                except ValueError as err:   # this image only (bad file, bad chunk size...)
-                    report.failed.append((src, str(err).splitlines()[0] if str(err) else type(err).__name__))
-                    continue
-                report.written.append((src, dst))
-                print(f"{src} -> {dst}")
+            with _interruptible(report, len(pairs)):
+                for src, dst in pairs:
+                    if os.path.exists(dst) and not args.overwrite:
+                        report.skipped.append((src, dst))
+                        continue
+                    try:
+                        restore_large(src, dst, task.name, args.weights, client=client, chunk=args.chunk,
+                                      tile=args.tile or 256, overlap=args.tile_overlap, backend=backend,
+                                      overwrite=args.overwrite)
+                    except ValueError as err:   # this image only (bad file, bad chunk size...)
+                        report.failed.append((src, one_line(err)))
+                        continue
+                    report.written.append((src, dst))
+                    print(f"{src} -> {dst}")
             print(summary(report))
             return 0 if report.ok else 1
         settings = Settings(task=task.name, weights=args.weights, backend=backend, tile=args.tile,
                             overlap=args.tile_overlap, ensemble=args.ensemble, sigma=args.sigma, seed=args.seed,
-                            overwrite=args.overwrite)
-        report = restore_batch(paths, settings, client, args.output)
+                            overwrite=args.overwrite, run_tag=tag)
+        report = restore_batch(paths, settings, client, out_dir)
     print(summary(report))
     return 0 if report.ok else 1
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -79,19 +78,9 @@ def figure_directions(scan_type="diagonal", scan_count=8, size=(8, 8)):
 
 def save_figure(fig, path, overwrite=False):
     """Write `fig` to `path` atomically (temp file + rename); refuse to replace a file unless asked."""
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1] or ".png", dir=directory)
-    os.close(fd)
-    from .images import _default_permissions
-    _default_permissions(tmp)
-    try:
+    from .atomic import atomic_output
+    with atomic_output(path, overwrite, suffix=os.path.splitext(path)[1] or ".png", error=FileExistsError) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", pad_inches=0.08)   # never clip a title
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None):

@@ -23,9 +23,12 @@ import time
 import numpy as np
 
 from . import metrics
-from .images import ImageError, read_image
+from .atomic import atomic_output, check_destination
+from .errors import command
+from .images import Image, read_image
 from .layers import bicubic_upsample
-from .restore import RestoreError, default_backend, load_task_model, restore_array
+from .restore import (RestoreError, default_backend, from_model_output, load_task_model, restore_array,
+                      to_model_input)
 from .tasks import TASKS
 
 
@@ -111,8 +114,9 @@ def evaluate(task, model, paths, sigma=25.0, seed=0, baselines=("tv", "wavelet",
         x = np.ascontiguousarray(degraded.transpose(2, 0, 1)[None])
         if model is not None:
             t = time.time()
-            y = restore_array(model, x, tile)
-            outputs["EAMamba"] = (y[0].transpose(1, 2, 0), time.time() - t)
+            image = Image(degraded, None, 8)              # gray into a colour model: replicated, averaged
+            y = restore_array(model, to_model_input([image], task, model.config.inp_channels), tile)
+            outputs["EAMamba"] = (from_model_output(y, image, scale)[0], time.time() - t)
         if task.name == "denoise":
             outputs["noisy input"] = (degraded, 0.0)
             for name in baselines:             # timed one by one; all see the same noisy input
@@ -137,7 +141,9 @@ def summarise(rows):
     return {m: (float(np.mean([p for p, _ in v])), float(np.mean([s for _, s in v])), len(v)) for m, v in table.items()}
 
 
+@command
 def main(argv=None):
+    """The evaluate command; returns the exit status (errors: one line on stderr, see errors.command)."""
     ap = argparse.ArgumentParser(prog="python -m eamamba_ref.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--task", default="denoise", choices=["denoise", "sr2", "sr3", "sr4"])
     ap.add_argument("--data", required=True, help="folder of clean (ground-truth) images")
@@ -150,6 +156,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, help="only the first N images")
     ap.add_argument("--tile", type=int, help="restore in tiles of this size (bounds memory)")
     ap.add_argument("--csv", help="write per-image results here")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     ap.add_argument("--backend", choices=["numpy", "numba", "cuda"])
     ap.add_argument("--gray", action="store_true",
                     help="denoise: gray images (colour ones converted to 8-bit gray) with a 1-channel model and "
@@ -158,19 +165,18 @@ def main(argv=None):
                     help="only the baselines (and the noisy input / bicubic rows): no weights needed")
     args = ap.parse_args(argv)
     task = TASKS[args.task]
-    try:
-        model = None if args.no_model else load_task_model(task, args.weights, args.backend or default_backend())
-        paths = list_images(args.data)[: args.limit]
-        which = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(","))
-        unknown = set(which) - {"tv", "wavelet", "nlm", "bm3d"}
-        if unknown:
-            raise RestoreError(f"unknown baselines {sorted(unknown)}; choose from tv, wavelet, nlm, bm3d")
-        rows = evaluate(task, model, paths, args.sigma, args.seed, which, args.tile, gray=args.gray)
-    except (RestoreError, ImageError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.csv:                        # before the (long) evaluation, not after it
+        check_destination(args.csv, args.overwrite)
+    model = None if args.no_model else load_task_model(task, args.weights, args.backend or default_backend(),
+                                                          channels=1 if args.gray else 3)
+    paths = list_images(args.data)[: args.limit]
+    which = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(","))
+    unknown = set(which) - {"tv", "wavelet", "nlm", "bm3d"}
+    if unknown:
+        raise RestoreError(f"unknown baselines {sorted(unknown)}; choose from tv, wavelet, nlm, bm3d")
+    rows = evaluate(task, model, paths, args.sigma, args.seed, which, args.tile, gray=args.gray)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
+        with atomic_output(args.csv, args.overwrite) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["image", "method", "psnr", "ssim", "seconds"])
             writer.writeheader()
             writer.writerows(rows)
@@ -183,4 +189,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from eamamba_ref.evaluate import main as _main    # the imported module's main (see restore.py)
+    sys.exit(_main())

@@ -4,16 +4,26 @@ The architecture comes from the checkpoint's `args` (official `.pth` or converte
 checked against the state dict's keys and shapes; for a bare state dict it is inferred from the
 keys and shapes (the scan ordering is the one thing weights cannot tell: it defaults to the
 'diagonal' of every released checkpoint and can be given).
+
+Nothing a file declares is trusted before it is checked: the config's types and sizes (`ModelConfig`),
+then every tensor's name, shape and dtype against that architecture, then what reading the bytes will
+cost -- and only then are the weights read (and refused if they hold NaN/Inf). Every failure is one
+`CheckpointError` line.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
 
-from .checkpoint import CheckpointError, _is_converted, load_state
+from .checkpoint import CheckpointError, open_state, read_tensors
 from .config import ConfigError, MambaConfig, ModelConfig
 from .model import EAMamba, parameter_shapes
+from .untrusted import brief, clip
+
+# The largest architecture a checkpoint may describe: 10x the official denoising model's 25.3 M.
+MAX_PARAMETERS = 256 * 2**20
 
 
 def _unusable_upsample_keys(name, sd, notes):
@@ -30,7 +40,20 @@ def _unusable_upsample_keys(name, sd, notes):
 
 
 def infer_config(sd, scan_type="diagonal"):
-    """Rebuild a `ModelConfig` from a bare state dict's keys and shapes (scan_type cannot be inferred)."""
+    """Rebuild a `ModelConfig` from a bare state dict's keys and shapes (scan_type cannot be inferred).
+
+    sd: {name: array or lazy tensor} (only ``.shape`` and ``.ndim`` are used, nothing is read)."""
+    try:
+        return _infer_config(sd, scan_type)
+    except (CheckpointError, ConfigError):
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as err:
+        # a tensor missing, or of a rank/shape no EAMamba layer has
+        raise CheckpointError(f"state dict does not look like an EAMamba model ({type(err).__name__}: "
+                              f"{clip(err)})") from None
+
+
+def _infer_config(sd, scan_type):
     def count(prefix):
         idx = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"\.(\d+)\.", k)] if m}
         return max(idx) + 1 if idx else 0
@@ -84,9 +107,17 @@ def infer_config(sd, scan_type="diagonal"):
 
 
 def check_state_dict(cfg, sd, source=""):
-    """The state dict must hold exactly the model's parameters with the model's shapes."""
-    expected = parameter_shapes(cfg)
+    """The state dict must hold exactly the model's parameters with the model's shapes, as floating
+    point numbers. Only declared shapes and dtypes are looked at (lazy tensors are not read).
+    Returns the architecture's shapes {name: shape}."""
     where = f"{source}: " if source else ""
+    # cfg passed ModelConfig.validate, whose LIMITS (e.g. <= 64 blocks per level) keep this listing
+    # small: a config asking for 100,000,000 blocks never gets here.
+    expected = parameter_shapes(cfg)
+    total = sum(math.prod(shape) for shape in expected.values())
+    if total > MAX_PARAMETERS:
+        raise CheckpointError(f"{where}its config describes a model of {total:,} parameters "
+                              f"(at most {MAX_PARAMETERS:,} supported)")
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
@@ -94,13 +125,17 @@ def check_state_dict(cfg, sd, source=""):
         if missing:
             parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(brief(k) for k in unexpected[:3])})")
         raise CheckpointError(f"{where}weights do not match the {cfg.name} architecture of its config: "
                               + "; ".join(parts))
     for k, shape in expected.items():
         if tuple(sd[k].shape) != tuple(shape):
             raise CheckpointError(f"{where}weights do not match the config: {k} has shape "
-                                  f"{tuple(sd[k].shape)}, the architecture needs {tuple(shape)}")
+                                  f"{brief(tuple(sd[k].shape))}, the architecture needs {tuple(shape)}")
+        if sd[k].dtype.kind != "f":
+            raise CheckpointError(f"{where}weight {k} has dtype {brief(str(sd[k].dtype))[1:-1]}; "
+                                  "EAMamba weights are floating point")
+    return expected
 
 
 def load(path, weights="ema", backend=None, scan_type=None, return_info=False):
@@ -108,32 +143,40 @@ def load(path, weights="ema", backend=None, scan_type=None, return_info=False):
 
     weights: 'ema' (the official test script's choice) or 'raw'. scan_type: only for bare state
     dicts (default 'diagonal'); official and converted files carry their own. With
-    `return_info=True`, also returns a dict describing what was found (architecture, notes).
+    `return_info=True`, also returns a dict describing what was found (architecture, notes, and the
+    converted file's ``meta``, whose ``task`` `eamamba_ref.tasks.check_task` compares with a task).
+    Any problem with the file is a one-line `CheckpointError`.
     """
-    name, args, sd = load_state(path, weights)
     source = str(path)
+    state = open_state(path, weights)
+    name, args, sd = state.name, state.args, state.tensors
     notes = []
     if name is None and args is None:
-        cfg = infer_config(sd, scan_type or "diagonal")
+        try:
+            cfg = infer_config(sd, scan_type or "diagonal")
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: the architecture its tensors describe is not usable: {err}") from None
         notes.append("bare state dict: architecture inferred from tensor shapes; scan ordering "
                      f"{cfg.mamba.scan_type!r} {'given' if scan_type else 'assumed (cannot be inferred)'}")
     else:
         if scan_type is not None:
             notes.append("scan_type argument ignored: the checkpoint's args give it")
-        if name == "eamamba" and args and int(args.get("upscale", 1)) != 1:
-            notes.append(f"args upscale={args['upscale']} ignored: the EAMamba U-Net only runs at upscale 1")
+        upscale = args.get("upscale", 1) if isinstance(args, dict) else 1
+        if name == "eamamba" and not (type(upscale) is int and upscale == 1):
+            notes.append(f"args upscale={brief(upscale)} ignored: the EAMamba U-Net only runs at upscale 1")
             args = {k: v for k, v in args.items() if k != "upscale"}
         try:
             cfg = ModelConfig.from_args(name, args)
         except ConfigError as err:
             raise CheckpointError(f"{source}: unusable model config in checkpoint: {err}") from None
     sd = _unusable_upsample_keys(cfg.name, sd, notes)
-    check_state_dict(cfg, sd, source)
-    params = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
+    expected = check_state_dict(cfg, sd, source)
+    # Shapes match the architecture; reading may allocate at most its float64 size (the widest dtype).
+    need = 8 * sum(math.prod(shape) for shape in expected.values())
+    params = {k: np.ascontiguousarray(v) for k, v in read_tensors(sd, source, max_bytes=need).items()}
     model = EAMamba(cfg, params, backend=backend)
     if return_info:
-        kind = "converted" if _is_converted(path) else ("official" if args is not None else "bare state dict")
-        return model, {"name": cfg.name, "config": cfg, "kind": kind,
-                       "weights": weights if kind == "official" else "as stored",
-                       "num_params": model.num_params, "notes": notes}
+        return model, {"name": cfg.name, "config": cfg, "kind": state.kind,
+                       "weights": weights if state.kind == "official" else "as stored",
+                       "num_params": model.num_params, "notes": notes, "meta": state.meta}
     return model

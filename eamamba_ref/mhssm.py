@@ -24,7 +24,7 @@ import numpy as np
 
 from . import ops, scans, ssm
 from .ssm import fused
-from .trace import is_recording, record
+from .trace import traced
 
 
 def depthwise_conv(x, weight, bias, size, conv_2d):
@@ -36,20 +36,77 @@ def depthwise_conv(x, weight, bias, size, conv_2d):
              Written here as a 1 x k conv of the (B, d, 1, L) "image" with the same padding.
     """
     B, d, L = x.shape
+    y = conv_module(x, weight, bias, size, conv_2d)
+    if conv_2d:
+        return y.reshape(B, d, L)
+    return ops.contiguous(y[:, :, :L])
+
+
+@traced("conv")
+def conv_module(x, weight, bias, size, conv_2d):
+    """What the official `conv` module outputs for `x (B, d, L)`: `(B, d, H, W)` for the 2-D conv,
+    `(B, d, L + k - 1)` for the 1-D one (before the causal trim to L)."""
+    B, d, L = x.shape
     k = weight.shape[-1]
     if conv_2d:
         h, w = size
-        y = ops.conv2d(x.reshape(B, d, h, w), weight, bias, padding=(k - 1) // 2, groups=d)
-        return y.reshape(B, d, L)
+        return ops.conv2d(x.reshape(B, d, h, w), weight, bias, padding=(k - 1) // 2, groups=d)
     y = ops.conv2d(x.reshape(B, d, 1, L), weight.reshape(d, 1, 1, k), bias, padding=(0, k - 1), groups=d)
-    return ops.contiguous(y[:, :, :, :L]).reshape(B, d, L)
+    return y.reshape(B, d, L + k - 1)
 
 
+# The stages of the plain composition, each recorded under its name while a trace is recording.
+@traced("in_proj")
+def in_projection(p, x):
+    """in_proj on `x (B, C, L)` -> `(B, 2d, L)` (x then z; `(B, d, L)` without the z branch)."""
+    xz = ops.matmul(p["in_proj.weight"], x)
+    if "in_proj.bias" in p:
+        xz = xz + p["in_proj.bias"][:, None]
+    return xz
+
+
+@traced("x_proj")
+def x_projection(weight, xs):
+    """Per-direction x_proj: `(K, R + 2N, C')` on `(B, K, C', L)` -> `(B, K, R + 2N, L)`."""
+    return ops.matmul(weight, xs)
+
+
+@traced("dt_proj")
+def dt_projection(weight, dt_in):
+    """Per-direction dt_proj (before its bias): `(K, C', R)` on `(B, K, R, L)` -> `(B, K, C', L)`."""
+    return ops.matmul(weight, dt_in)
+
+
+@traced("gate")
+def gate(y, z):
+    """`y * silu(z)`, both `(B, d, L)`."""
+    return y * ops.silu(z)
+
+
+@traced("out_proj")
+def out_projection(p, y):
+    """out_proj on `y (B, d, L)` -> `(B, C, L)`."""
+    out = ops.matmul(p["out_proj.weight"], y)
+    if "out_proj.bias" in p:
+        out = out + p["out_proj.bias"][:, None]
+    return out
+
+
+activation = traced("act")(ops.silu)
+all_around = traced("all_around")(ops.all_around)
+selective_scan = traced("selective_scan")(ops.selective_scan)
+restore = traced("restore")(ops.restore)
+out_norm = traced("out_norm")(ops.layer_norm)
+
+
+@traced("mamba", scope="mamba")
 def mhssm(p, x, size, cfg, backend=None):
     """MHSSM forward. p: the block's `mamba.*` parameters (official names, prefix stripped).
 
     x: `(B, C, L)` layer-normed features of an (H, W) map, channel-first, L = H*W.
-    cfg: `config.MambaConfig`. Returns `(B, C, L)`.
+    cfg: `config.MambaConfig`. Returns `(B, C, L)`. A trace records the output as `mamba` and the
+    stages inside as `mamba.in_proj`, `mamba.conv`, `mamba.act`, ... (the fused kernels record
+    the same stages: `ssm/fused.py`).
     """
     if _fused(x, cfg, backend):
         return fused.mhssm_numba(p, x, size, cfg)
@@ -61,48 +118,41 @@ def mhssm(p, x, size, cfg, backend=None):
     kind = (cfg.scan_type, cfg.scan_count, cfg.scan_merge_method)
 
     # 1. input projection and the gate branch: (B, C, L) -> x (B, d, L), z (B, d, L)
-    xz = ops.matmul(p["in_proj.weight"], x)
-    if "in_proj.bias" in p:
-        xz = xz + p["in_proj.bias"][:, None]
-    record("in_proj", xz)
+    xz = in_projection(p, x)
     xs, z = (xz, None) if cfg.disable_z_branch else (xz[:, :d], xz[:, d:])
 
     # 2. local mixing: depthwise conv then SiLU
-    xs = record("act", ops.silu(depthwise_conv(xs, p["conv.weight"], p.get("conv.bias"), size, cfg.conv_2d)))
+    xs = activation(depthwise_conv(xs, p["conv.weight"], p.get("conv.bias"), size, cfg.conv_2d))
 
     # 3. all-around transform: K directional sequences (B, K, C', L)
-    xs = record("all_around", ops.all_around(xs, size, *kind))
+    xs = all_around(xs, size, *kind)
 
     # 4. input-dependent SSM parameters, per direction (the "selective" part)
-    x_dbl = record("x_proj", ops.matmul(p["x_proj_weight"], xs))     # (B, K, R + 2N, L)
-    dts = record("dt_proj", ops.matmul(p["dt_projs_weight"], x_dbl[:, :, :R]))   # (B, K, C', L)
+    x_dbl = x_projection(p["x_proj_weight"], xs)                      # (B, K, R + 2N, L)
+    dts = dt_projection(p["dt_projs_weight"], x_dbl[:, :, :R])         # (B, K, C', L)
     Bs = ops.contiguous(x_dbl[:, :, R:R + N])                  # (B, K, N, L): group k = head k
     Cs = ops.contiguous(x_dbl[:, :, R + N:])                   # (B, K, N, L)
     A = -ops.exp(p["A_logs"])                                         # (K*C', N)
 
     # 5. one selective scan over all K*C' channels; channel j belongs to head j // C'
-    y = ops.selective_scan(xs.reshape(B, K * Cp, L), dts.reshape(B, K * Cp, L), A, Bs, Cs,
+    y = selective_scan(xs.reshape(B, K * Cp, L), dts.reshape(B, K * Cp, L), A, Bs, Cs,
                        D=p["Ds"], delta_bias=p["dt_projs_bias"].reshape(-1),
                        delta_softplus=True, backend=backend)         # (B, K*C', L)
 
     # 6. back to row-major order, merge directions, normalise, gate, project out
-    record("selective_scan", y)
-    y = record("restore", ops.restore(y.reshape(B, K, Cp, L), size, *kind))   # (B, d, L)
-    y = record("out_norm", ops.layer_norm(y, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5, axis=1))
+    y = restore(y.reshape(B, K, Cp, L), size, *kind)                  # (B, d, L)
+    y = out_norm(y, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5, axis=1)
     if z is not None:
-        y = record("gate", y * ops.silu(z))
-    out = ops.matmul(p["out_proj.weight"], y)                         # (B, C, L)
-    if "out_proj.bias" in p:
-        out = out + p["out_proj.bias"][:, None]
-    return record("out_proj", out)
+        y = gate(y, z)
+    return out_projection(p, y)                                       # (B, C, L)
 
 
 def _fused(x, cfg, backend):
     """The one place where the backend changes the MHSSM: 'numba' runs the fused kernels of
     `ssm.fused` (same function, no directional copies), which need heads owning separate channels
-    ('concate' merge, or one direction) and the 2-D conv. While a trace is being recorded the
-    plain composition runs, so that every intermediate stage is there to record."""
-    return (ssm.resolve_backend(backend) == "numba" and isinstance(x, np.ndarray) and cfg.conv_2d and not is_recording()
+    ('concate' merge, or one direction) and the 2-D conv. A trace records the same stages on
+    either path, so recording changes nothing here."""
+    return (ssm.resolve_backend(backend) == "numba" and isinstance(x, np.ndarray) and cfg.conv_2d
             and (cfg.scan_merge_method == "concate" or cfg.scan_count == 1))
 
 

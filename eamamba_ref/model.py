@@ -21,7 +21,7 @@ from . import ops, runtime, ssm
 from .allocator import reuse_freed_memory
 from .config import ModelConfig
 from .mhssm import mhssm, mhssm_parameter_shapes
-from .trace import record, scope
+from .trace import traced
 
 
 def sub(params, prefix):
@@ -30,6 +30,12 @@ def sub(params, prefix):
     return {k[n:]: v for k, v in params.items() if k.startswith(prefix + ".")}
 
 
+def _named(a):
+    """The module name a layer function was called with (its trace name)."""
+    return a["name"]
+
+
+@traced(_named)
 def conv(p, name, x, padding=None, groups=1):
     """Conv2d `name` of `p` on `(B, C, H, W)`; 'same' padding unless given; bias if the dict has one."""
     w = p[name + ".weight"]
@@ -37,12 +43,14 @@ def conv(p, name, x, padding=None, groups=1):
     return ops.conv2d(x, w, p.get(name + ".bias"), padding=pad, groups=groups)
 
 
+@traced(_named)
 def norm(p, name, x, backend=None):
     """The blocks' LayerNorm over channels; WithBias if the dict holds `name.body.bias`, else BiasFree."""
     return ops.layer_norm_channels(x, p[name + ".body.weight"], p.get(name + ".body.bias"), backend=backend)
 
 
 # ------------------------------------------------------------------------- channel mixers
+@traced("ffn", scope="ffn")
 def channel_mixer(p, x, kind):
     """The block's feed-forward part on `(B, C, H, W)`. kind: simple | gdfn | ffn | cca."""
     if kind == "simple":                  # 1x1 to C*f, SimpleGate (halves multiplied), 1x1 back
@@ -60,30 +68,43 @@ def channel_mixer(p, x, kind):
         return ops.by_row_strips(lambda x: conv(p, "project_out", ops.gelu(conv(p, "project_in", x))), x)
     if kind == "cca":                     # 1x1, depthwise 3x3, channel attention, 1x1
         h = conv(p, "conv2", conv(p, "conv1", x), groups=x.shape[1])
-        a = ops.relu(conv(p, "ca.1", ops.adaptive_avg_pool_1(h)))
-        h = h * ops.sigmoid(conv(p, "ca.3", a))
-        return conv(p, "conv3", h)
+        return conv(p, "conv3", h * channel_attention(p, h))
     raise ValueError(f"unknown channel mixer {kind!r}")
+
+
+# the CCA mixer's nn.Sequential `ca` (pool, 1x1, ReLU, 1x1, sigmoid): its modules' trace names
+_ca_pool = traced("ca.0")(ops.adaptive_avg_pool_1)
+_ca_relu = traced("ca.2")(ops.relu)
+
+
+@traced(("ca", "ca.4"))
+def channel_attention(p, h):
+    """The CCA mixer's channel weights: `(B, C, H, W)` -> `(B, C, 1, 1)` in (0, 1)."""
+    return ops.sigmoid(conv(p, "ca.3", _ca_relu(conv(p, "ca.1", _ca_pool(h)))))
 
 
 # ------------------------------------------------------------------------------ blocks
 def block(p, x, cfg, backend=None):
     """MambaFormerBlock: x + MHSSM(LN(x)), then + FFN(LN(x)). x: `(B, C, H, W)`."""
     B, C, H, W = x.shape
-    tokens = record("norm1", norm(p, "norm1", x, backend)).reshape(B, C, H * W)
-    with scope("mamba"):
-        mixed = mhssm(sub(p, "mamba"), tokens, (H, W), cfg.mamba, backend)
-    x = x + record("mamba", mixed).reshape(B, C, H, W)                   # mamba: (B, C, L)
+    tokens = norm(p, "norm1", x, backend).reshape(B, C, H * W)
+    mixed = mhssm(sub(p, "mamba"), tokens, (H, W), cfg.mamba, backend)     # (B, C, L)
+    x = x + mixed.reshape(B, C, H, W)
     del tokens, mixed                     # full-resolution maps: free them before the FFN's peak
-    ffn = channel_mixer(sub(p, "ffn"), record("norm2", norm(p, "norm2", x, backend)), cfg.channel_mixer_type)
-    return record("", x + record("ffn", ffn))                             # the block's output
+    return x + channel_mixer(sub(p, "ffn"), norm(p, "norm2", x, backend), cfg.channel_mixer_type)
 
 
+@traced(_named, scope=_named)
+def named_block(params, name, x, cfg, backend=None):
+    """`block` with the parameters under `name.` (traced as the official module `name`)."""
+    return block(sub(params, name), x, cfg, backend)
+
+
+@traced(lambda a: a["prefix"])
 def blocks(params, prefix, count, x, cfg, backend=None):
     """`count` blocks in sequence (an official nn.Sequential named `prefix`)."""
     for i in range(count):
-        with scope(f"{prefix}.{i}"):
-            x = block(sub(params, f"{prefix}.{i}"), x, cfg, backend)
+        x = named_block(params, f"{prefix}.{i}", x, cfg, backend)
     return x
 
 
@@ -96,55 +117,88 @@ def eamamba(params, cfg, x, backend=None):
                          f"{H}x{W}; pad the image first (the restore command does)")
     n1, n2, n3, n4 = cfg.num_blocks
     P = params
-
-    def down(name, v):                  # Downsample: 3x3 conv to C/2, PixelUnshuffle(2)
-        return record(name, ops.pixel_unshuffle(conv(P, f"{name}.body.0", v), 2))
-
-    def up(name, v):                    # Upsample: 3x3 conv to 2C, PixelShuffle(2)
-        return record(name, ops.pixel_shuffle(conv(P, f"{name}.body.0", v), 2))
-
-    enc1_in = record("patch_embed", conv(P, "patch_embed.proj", x))
+    enc1_in = patch_embed(P, x)
     enc1 = blocks(P, "encoder_level1", n1, enc1_in, cfg, backend)
-    enc2 = blocks(P, "encoder_level2", n2, down("down1_2", enc1), cfg, backend)
-    enc3 = blocks(P, "encoder_level3", n3, down("down2_3", enc2), cfg, backend)
-    latent = blocks(P, "latent", n4, down("down3_4", enc3), cfg, backend)
+    enc2 = blocks(P, "encoder_level2", n2, downsample(P, "down1_2", enc1), cfg, backend)
+    enc3 = blocks(P, "encoder_level3", n3, downsample(P, "down2_3", enc2), cfg, backend)
+    latent = blocks(P, "latent", n4, downsample(P, "down3_4", enc3), cfg, backend)
 
-    dec3 = ops.concatenate([up("up4_3", latent), enc3], axis=1)
-    dec3 = blocks(P, "decoder_level3", n3, record("reduce_chan_level3", conv(P, "reduce_chan_level3", dec3)),
-                  cfg, backend)
-    dec2 = ops.concatenate([up("up3_2", dec3), enc2], axis=1)
-    dec2 = blocks(P, "decoder_level2", n2, record("reduce_chan_level2", conv(P, "reduce_chan_level2", dec2)),
-                  cfg, backend)
-    dec1 = ops.concatenate([up("up2_1", dec2), enc1], axis=1)
+    dec3 = ops.concatenate([upsample(P, "up4_3", latent), enc3], axis=1)
+    dec3 = blocks(P, "decoder_level3", n3, conv(P, "reduce_chan_level3", dec3), cfg, backend)
+    dec2 = ops.concatenate([upsample(P, "up3_2", dec3), enc2], axis=1)
+    dec2 = blocks(P, "decoder_level2", n2, conv(P, "reduce_chan_level2", dec2), cfg, backend)
+    dec1 = ops.concatenate([upsample(P, "up2_1", dec2), enc1], axis=1)
     dec1 = blocks(P, "decoder_level1", n1, dec1, cfg, backend)       # stays at 2c: no reduction
     dec1 = blocks(P, "refinement", cfg.num_refinement_blocks, dec1, cfg, backend)
 
     if cfg.dual_pixel_task:             # defocus deblurring: skip from the embedding, no residual
-        return record("output", conv(P, "output", dec1 + record("skip_conv", conv(P, "skip_conv", enc1_in))))
-    return record("result", record("output", conv(P, "output", dec1)) + x)     # + the input (residual)
+        return conv(P, "output", dec1 + conv(P, "skip_conv", enc1_in))
+    return conv(P, "output", dec1) + x                                # + the input (residual)
 
 
+@traced("patch_embed")
+def patch_embed(params, x):
+    """OverlapPatchEmbed: a 3x3 conv (`patch_embed.proj`)."""
+    return conv(params, "patch_embed.proj", x)
+
+
+def _sequential_names(a):
+    """An official nn.Sequential(conv, shuffle) `name`: its output is also `name.body`, `name.body.1`."""
+    return a["name"], f"{a['name']}.body", f"{a['name']}.body.1"
+
+
+@traced(_sequential_names)
+def downsample(params, name, x):
+    """Downsample `name`: 3x3 conv to C/2 (`name.body.0`), PixelUnshuffle(2). `(B, C, H, W)` ->
+    `(B, 2C, H/2, W/2)`."""
+    return ops.pixel_unshuffle(conv(params, f"{name}.body.0", x), 2)
+
+
+@traced(_sequential_names)
+def upsample(params, name, x):
+    """Upsample `name`: 3x3 conv to 2C (`name.body.0`), PixelShuffle(2). `(B, C, H, W)` ->
+    `(B, C/2, 2H, 2W)`."""
+    return ops.pixel_shuffle(conv(params, f"{name}.body.0", x), 2)
+
+
+@traced(lambda a: a["prefix"])
 def upscale(params, prefix, x, scale):
     """Official `Upscale`: (conv 3x3 to 4C + PixelShuffle(2)) per factor 2, or conv to 9C + shuffle(3)."""
     steps = [2] * (scale.bit_length() - 1) if scale & (scale - 1) == 0 else [3]
     for i, r in enumerate(steps):
-        x = ops.pixel_shuffle(conv(params, f"{prefix}.{2 * i}", x), r)
+        x = shuffle(f"{prefix}.{2 * i + 1}", conv(params, f"{prefix}.{2 * i}", x), r)
     return x
+
+
+@traced(_named)
+def shuffle(name, x, r):
+    """PixelShuffle(r) (the official module `name`)."""
+    return ops.pixel_shuffle(x, r)
+
+
+@traced(lambda a: f"layers.{a['index']}")
+def residual_group(params, index, count, x, cfg, backend=None):
+    """EAMambaSR's ResidualGroup `layers.index`: `count` blocks, a 3x3 conv, plus the group input."""
+    features = blocks(params, f"layers.{index}.blocks", count, x, cfg, backend)
+    return conv(params, f"layers.{index}.conv", features) + x
+
+
+@traced(("conv_before_upsample", "conv_before_upsample.1"))
+def conv_before_upsample(params, x):
+    """nn.Sequential(3x3 conv, LeakyReLU(0.01)) `conv_before_upsample`."""
+    return ops.leaky_relu(conv(params, "conv_before_upsample.0", x), 0.01)
 
 
 def eamamba_sr(params, cfg, x, backend=None):
     """EAMambaSR. x: `(B, inp_channels, H, W)` (any H, W) -> `(B, out, s*H, s*W)`, s = upscale."""
     P = params
-    x = record("conv_first", conv(P, "conv_first", x))
+    x = conv(P, "conv_first", x)
     features = x
     for i, count in enumerate(cfg.num_blocks):     # residual groups
-        group_in = features
-        features = blocks(P, f"layers.{i}.blocks", count, features, cfg, backend)
-        features = record(f"layers.{i}", conv(P, f"layers.{i}.conv", features) + group_in)
-    x = record("conv_after_body", conv(P, "conv_after_body", record("norm", norm(P, "norm", features, backend)))) + x
-    x = record("conv_before_upsample", ops.leaky_relu(conv(P, "conv_before_upsample.0", x), 0.01))
-    x = record("upsample", upscale(P, "upsample", x, cfg.upscale))
-    return record("conv_last", conv(P, "conv_last", x))
+        features = residual_group(P, i, count, features, cfg, backend)
+    x = conv(P, "conv_after_body", norm(P, "norm", features, backend)) + x
+    x = conv_before_upsample(P, x)
+    return conv(P, "conv_last", upscale(P, "upsample", x, cfg.upscale))
 
 
 # -------------------------------------------------------------------- parameter shapes
@@ -248,9 +302,9 @@ def init_params(cfg: ModelConfig, seed=0):
         elif leaf == "dt_projs_bias":
             dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), shape)).clip(min=1e-4)
             value = dt + np.log(-np.expm1(-dt))
-        elif name.endswith("body.weight") or name.endswith("out_norm.weight"):
+        elif name.endswith(".body.weight") or name.endswith("out_norm.weight"):   # LayerNorms
             value = np.ones(shape)
-        elif name.endswith("body.bias") or name.endswith("out_norm.bias") or leaf == "bias":
+        elif name.endswith(".body.bias") or name.endswith("out_norm.bias") or leaf == "bias":
             value = np.zeros(shape) if "norm" in name else rng.uniform(-0.02, 0.02, shape)
         else:
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]

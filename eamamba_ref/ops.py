@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layers, scans, ssm
+from . import layers, scans, ssm, trace
 
 
 def _gpu(x):
@@ -85,6 +85,7 @@ def by_row_strips(fn, x, pixels=16384):
     CPU over strips of about `pixels` pixels (whole rows), so that fn's intermediates exist one strip
     at a time: the FFN's 2C-channel hidden map is the largest tensor of a full-resolution block
     (256 MiB at 512x512 with C = 128). On the GPU: `fn(x)`. x: `(B, C, H, W)` -> `(B, C', H, W)`.
+    A trace records what fn records as whole maps, assembled from the strips (`trace.row_strip`).
     """
     B, C, H, W = x.shape
     rows = max(1, pixels // W)
@@ -92,7 +93,8 @@ def by_row_strips(fn, x, pixels=16384):
         return fn(x)
     out = None
     for r0 in range(0, H, rows):
-        part = fn(np.ascontiguousarray(x[:, :, r0:r0 + rows]))
+        with trace.row_strip(r0, H):
+            part = fn(np.ascontiguousarray(x[:, :, r0:r0 + rows]))
         if out is None:
             out = np.empty((B, part.shape[1], H, W), dtype=part.dtype)
         out[:, :, r0:r0 + rows] = part

@@ -15,6 +15,14 @@ module never uses a plain unpickler on the file: `_RestrictedUnpickler.find_clas
 fixed table of names (rebuild functions, storage types, dtypes, ``collections.OrderedDict`` and a few
 builtins) to stand-ins defined here, and refuses every other global with `CheckpointError`.
 
+A crafted pickle can also hurt without naming any global: a dict key nested 2,000,000 tuples deep
+crashes CPython's (recursive, unguarded) tuple hash; a key that is a DAG of shared tuples takes
+exponential time to hash; a few bytes of opcodes can build millions of containers. So the pickle is
+run by Python's own (iterative) unpickler with every opcode metered (`_MAX_WORK` steps in all, calls
+charged by the size of their arguments) and every dict key / set member checked before it is hashed
+(str, bytes, bool, None, float, a not-huge int, or a tuple/frozenset of at most `_MAX_KEY_PARTS` such).
+Storage bytes are never read before the caller has checked what they will cost (`check_read_budget`).
+
 Tensors come back as `LazyTensor` (shape and dtype known, bytes not read yet) so a caller that wants
 only the model weights never reads the optimizer state; `materialize` turns them into NumPy arrays.
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -31,7 +40,9 @@ import zlib
 
 import numpy as np
 
-__all__ = ["CheckpointError", "LazyTensor", "read_pth", "materialize"]
+from .untrusted import brief, clip
+
+__all__ = ["CheckpointError", "LazyTensor", "read_pth", "materialize", "check_read_budget"]
 
 
 class CheckpointError(ValueError):
@@ -77,7 +88,13 @@ _STORAGE_CLASSES = {
 # First bytes of a file written with torch.save(..., _use_new_zipfile_serialization=False): a pickled
 # magic number (protocol 2, LONG1 0x1950a86a20f9469cfc6c).
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-_MAX_PICKLE_BYTES = 512 * 2**20  # far above need: data.pkl of a 25 M-parameter checkpoint + Adam is ~0.1 MB
+# Bounds on what a checkpoint's pickle may ask for. The official denoising checkpoint (25 M parameters,
+# EMA + raw weights + Adam state: ~3,500 tensors) has a 0.3 MB data.pkl: 107,000 opcodes, 220,000 steps.
+_MAX_PICKLE_BYTES = 64 * 2**20
+_MAX_WORK = 4_000_000           # unpickling steps (opcodes, plus the size of every call's arguments)
+_MAX_KEY_PARTS = 64             # parts of one dict key / set member (a tuple of tuples...)
+_MAX_NDIM = 32                  # NumPy 1.x's limit; every EAMamba tensor has at most 4
+_MAX_TENSOR_BYTES = 2**48       # a shape whose element count overflows anything is refused up front
 
 
 def _is_int(x) -> bool:
@@ -118,12 +135,12 @@ class _Archive:
         if prefix + "constants.pkl" in names or any(n.startswith(prefix + "code/") for n in names):
             raise CheckpointError(f"{self.path}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
 
-        version = zf.read(prefix + ".format_version").strip() if prefix + ".format_version" in names else b"1"
+        version = self._small(zf, prefix + ".format_version", b"1")
         if version != b"1":
-            raise CheckpointError(f"{self.path}: unsupported torch.save .format_version {version!r}")
-        order = zf.read(prefix + "byteorder").strip() if prefix + "byteorder" in names else b"little"
+            raise CheckpointError(f"{self.path}: unsupported torch.save .format_version {brief(version)}")
+        order = self._small(zf, prefix + "byteorder", b"little")
         if order not in (b"little", b"big"):
-            raise CheckpointError(f"{self.path}: unknown byteorder record {order!r}")
+            raise CheckpointError(f"{self.path}: unknown byteorder record {brief(order)}")
         self.byteorder = "<" if order == b"little" else ">"
 
         info = zf.getinfo(pickles[0])
@@ -133,9 +150,19 @@ class _Archive:
         data = prefix + "data/"
         self._entries = {i.filename[len(data):]: i for i in zf.infolist() if i.filename.startswith(data)}
 
+    def _small(self, zf: zipfile.ZipFile, name: str, default: bytes) -> bytes:
+        """A bookkeeping record of a few bytes; its declared size is checked before it is inflated."""
+        try:
+            info = zf.getinfo(name)
+        except KeyError:
+            return default
+        if info.file_size > 64:
+            raise CheckpointError(f"{self.path}: {brief(name)} claims {info.file_size} bytes, not a few")
+        return zf.read(info).strip()
+
     def nbytes(self, key: str) -> int:
         if key not in self._entries:
-            raise CheckpointError(f"{self.path}: storage {key!r} named by the pickle is missing from the archive")
+            raise CheckpointError(f"{self.path}: storage {brief(key)} named by the pickle is missing from the archive")
         return self._entries[key].file_size
 
     def read(self, key: str) -> np.ndarray:
@@ -210,7 +237,7 @@ class _Sealed:
         raise CheckpointError(f"pickle tries to set the state of {self!r}")
 
     def __setattr__(self, name, value):
-        raise CheckpointError(f"pickle tries to set attribute {name!r} of {self!r}")
+        raise CheckpointError(f"pickle tries to set attribute {brief(name)} of {self!r}")
 
 
 class _Callable(_Sealed):
@@ -285,8 +312,8 @@ class LazyTensor(_Sealed):
     def __init__(self, storage: _Storage, dtype: str, offset: int, shape: tuple, stride: tuple):
         itemsize = _DTYPES[dtype].itemsize
         if storage.nbytes % itemsize:
-            raise CheckpointError(f"storage {storage.key!r} of {storage.nbytes} bytes does not hold whole {dtype}")
-        _check_geometry(offset, shape, stride, storage.nbytes // itemsize, storage.key)
+            raise CheckpointError(f"storage {brief(storage.key)} of {storage.nbytes} bytes does not hold whole {dtype}")
+        _check_geometry(offset, shape, stride, storage.nbytes // itemsize, storage.key, itemsize)
         for name, value in zip(self.__slots__, (tuple(shape), dtype, storage, offset, tuple(stride))):
             object.__setattr__(self, name, value)
 
@@ -300,7 +327,22 @@ class LazyTensor(_Sealed):
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's elements as stored (2 per bfloat16 element)."""
+        return self.size * _DTYPES[self.torch_dtype].itemsize
+
+    @property
+    def storage_id(self):
+        """Identifies the storage: tensors with the same id share one read of its bytes."""
+        return (self._storage.archive.path, self._storage.key)
+
+    @property
+    def storage_nbytes(self) -> int:
+        """Bytes that reading this tensor reads (and, for a deflated entry, inflates): its whole storage."""
+        return self._storage.nbytes
 
     def numpy(self) -> np.ndarray:
         """Read the tensor. A tensor that is its whole storage, row-major, is a view of the storage's
@@ -339,18 +381,25 @@ def _c_strides(shape) -> tuple:
     return tuple(reversed(strides))
 
 
-def _check_geometry(offset, shape, stride, numel, key) -> None:
+def _check_geometry(offset, shape, stride, numel, key, itemsize) -> None:
     """Refuse a view that would reach outside its storage: NumPy's as_strided does not check, so a
-    crafted size/stride would otherwise read arbitrary process memory."""
+    crafted size/stride would otherwise read arbitrary process memory. Also refuse more dimensions
+    than NumPy handles and element counts no array can hold."""
+    if isinstance(shape, tuple) and len(shape) > _MAX_NDIM:
+        raise CheckpointError(f"tensor on storage {brief(key)} has {len(shape)} dimensions (at most {_MAX_NDIM})")
     shape_ok = isinstance(shape, tuple) and all(_is_int(n) and n >= 0 for n in shape)
     stride_ok = isinstance(stride, tuple) and all(_is_int(s) and s >= 0 for s in stride)
     if not (shape_ok and stride_ok and len(shape) == len(stride) and _is_int(offset) and offset >= 0):
         raise CheckpointError(
-            f"invalid tensor geometry on storage {key!r}: size {shape!r}, stride {stride!r}, offset {offset!r}"
+            f"invalid tensor geometry on storage {brief(key)}: size {brief(shape)}, stride {brief(stride)}, "
+            f"offset {brief(offset)}"
         )
+    if math.prod(shape) * itemsize >= _MAX_TENSOR_BYTES:
+        raise CheckpointError(f"tensor of size {brief(shape)} on storage {brief(key)} is larger than any array")
     if all(n > 0 for n in shape) and offset + sum((n - 1) * s for n, s in zip(shape, stride)) >= numel:
         raise CheckpointError(
-            f"tensor of size {shape} (stride {stride}, offset {offset}) overruns storage {key!r} of {numel} elements"
+            f"tensor of size {brief(shape)} (stride {brief(stride)}, offset {brief(offset)}) overruns storage "
+            f"{brief(key)} of {numel} elements"
         )
 
 
@@ -369,7 +418,7 @@ def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtyp
     if not isinstance(storage, tuple) or len(storage) != 2 or storage[1] is not None:
         raise CheckpointError("_rebuild_tensor_v3 called on a typed storage, expected an UntypedStorage")
     if not (isinstance(dtype, str) and dtype.startswith("torch.") and dtype[6:] in _DTYPES):
-        raise CheckpointError(f"_rebuild_tensor_v3 called with dtype {dtype!r}")
+        raise CheckpointError(f"_rebuild_tensor_v3 called with dtype {brief(dtype)}")
     return LazyTensor(storage[0], dtype[6:], offset, size, stride)
 
 
@@ -387,6 +436,13 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)
 
 
+def _complex(real=0.0, imag=0.0):
+    # complex() also parses strings; a pickle of a complex number passes two floats.
+    if not all(isinstance(v, (int, float)) for v in (real, imag)):
+        raise CheckpointError("builtins.complex called with arguments other than numbers")
+    return complex(real, imag)
+
+
 def _encode(text, encoding="latin1"):
     # Protocol 2 pickles a bytes object as _codecs.encode(str, 'latin1'); nothing else is allowed.
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -395,21 +451,80 @@ def _encode(text, encoding="latin1"):
 
 
 def _device(kind, index=None):
-    return str(kind) if index is None else f"{kind}:{int(index)}"
+    if not isinstance(kind, str) or not (index is None or _is_int(index)):
+        raise CheckpointError(f"torch.device called with {brief(kind)}, {brief(index)}")
+    return kind if index is None else f"{kind}:{index}"
 
 
 def _size(dims=()):
-    return tuple(int(d) for d in dims)
+    if not isinstance(dims, (tuple, list)) or len(dims) > _MAX_NDIM or not all(_is_int(d) for d in dims):
+        raise CheckpointError(f"torch.Size called with {brief(dims)}")
+    return tuple(dims)
+
+
+def _ordered_dict(*args):
+    # What pickle writes for an OrderedDict: a call without arguments, then SETITEMS (checked keys).
+    if args:
+        raise CheckpointError("collections.OrderedDict called with arguments (pickle never writes that)")
+    return collections.OrderedDict()
+
+
+def _set(items=()):
+    # Protocol 2 writes set/frozenset as a call on a list of the members.
+    if not isinstance(items, (list, tuple)):
+        raise CheckpointError(f"set/frozenset called on a {type(items).__name__}, not a list")
+    kinds = set(map(type, items))       # the usual sets (of str, or of ints) are checked at C speed
+    if kinds == {int}:
+        if not -(2**60) < min(items) <= max(items) < 2**60:
+            _check_key(max(items, key=abs))     # raises, naming the problem
+    elif not kinds <= {str, bytes, bool, float, type(None)}:
+        for item in items:
+            _check_key(item)
+    return set(items)
+
+
+def _frozenset(items=()):
+    return frozenset(_set(items))
+
+
+def _check_key(key) -> int:
+    """Refuse a dict key or set member that could be slow or unsafe to hash; returns the parts checked.
+
+    CPython hashes a tuple recursively without a depth check (a key nested 2,000,000 deep crashes it)
+    and without caching (a DAG of shared tuples takes exponential time), and int/float/complex hashes
+    are not randomised (a few hundred thousand crafted ints make one dict quadratic). Allowed: str,
+    bytes, bool, None, float, ints below 2**60 in magnitude, and tuples/frozensets of at most
+    `_MAX_KEY_PARTS` parts in all.
+    """
+    if type(key) is str:            # the common case, first
+        return 1
+    todo, parts = [key], 1          # parts: every node seen, counted when first reached
+    while todo:
+        x = todo.pop()
+        t = type(x)
+        if t is tuple or t is frozenset:
+            parts += len(x)
+            if parts > _MAX_KEY_PARTS:
+                raise CheckpointError(f"a dict key or set member with more than {_MAX_KEY_PARTS} parts "
+                                      "(nested tuples); refusing to hash it")
+            todo.extend(x)
+        elif t is int:
+            if not -(2**60) < x < 2**60:
+                raise CheckpointError(f"a dict key or set member that is a {x.bit_length()}-bit integer; "
+                                      "refusing to hash it")
+        elif t not in (str, bytes, bool, float, type(None)):
+            raise CheckpointError(f"a dict key or set member of type {t.__name__}; refusing to hash it")
+    return parts
 
 
 def _allowed_globals() -> dict:
     """(module, name) -> stand-in. Dtypes become strings like 'torch.float32', devices strings like
     'cuda:0', torch.Size a tuple, so everything a caller sees is plain Python or NumPy."""
     table = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "complex"): complex,
+        ("collections", "OrderedDict"): _ordered_dict,
+        ("builtins", "set"): _set,
+        ("builtins", "frozenset"): _frozenset,
+        ("builtins", "complex"): _complex,
         ("_codecs", "encode"): _encode,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
         ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -427,7 +542,7 @@ def _allowed_globals() -> dict:
     for dtype in _DTYPES:
         table["torch", dtype] = "torch." + dtype
     for key, value in table.items():
-        if callable(value) and not isinstance(value, type):  # our functions: wrap; builtin types: keep
+        if callable(value):
             table[key] = _Callable(".".join(key), value)
     return table
 
@@ -435,13 +550,44 @@ def _allowed_globals() -> dict:
 _ALLOWED = _allowed_globals()
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles ``data.pkl`` with only the globals of `_ALLOWED`; storages become `_Storage`."""
+def _size_of(x) -> int:
+    """What a call pays for an argument: the length of a container or string, else 1."""
+    return len(x) if isinstance(x, (str, bytes, bytearray, list, tuple, dict, set, frozenset)) else 1
+
+
+def _call_cost(args) -> int:
+    """Work a call with these (positional) arguments may do: each argument walked once."""
+    n = _size_of(args)
+    if isinstance(args, (list, tuple)):
+        n += sum(_size_of(a) for a in args)
+    return n
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Unpickles ``data.pkl`` with only the globals of `_ALLOWED`; storages become `_Storage`.
+
+    Python's own unpickler (``pickle._Unpickler``, the one the C accelerator mirrors) runs the opcodes,
+    so deep nesting costs no C stack; every opcode goes through a meter that charges `_MAX_WORK` and,
+    where the opcode hashes (SETITEM(S), DICT, ADDITEMS, FROZENSET), checks each key first.
+    """
 
     def __init__(self, archive: _Archive):
         super().__init__(io.BytesIO(archive.pickle), encoding="utf-8")
         self._archive = archive
         self._storages: dict[str, _Storage] = {}
+        self._work = _MAX_WORK
+
+    def _charge(self, units: int) -> None:
+        self._work -= units
+        if self._work < 0:
+            raise CheckpointError(
+                f"{self._archive.path}: data.pkl needs more than {_MAX_WORK:,} unpickling steps "
+                "(a pickle bomb, or far larger than any model checkpoint); refusing it"
+            )
+
+    def _check_keys(self, keys) -> None:
+        for key in keys:
+            self._charge(_check_key(key))
 
     def find_class(self, module, name):
         if module == "__builtin__":  # protocol 2 spells builtins the Python 2 way
@@ -450,7 +596,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED[module, name]
         except (KeyError, TypeError):
             raise CheckpointError(
-                f"{self._archive.path}: refusing to load global {module}.{name} "
+                f"{self._archive.path}: refusing to load global {brief(module)[1:-1]}.{brief(name)[1:-1]} "
                 "(only tensors, storages and plain containers are allowed)"
             ) from None
 
@@ -460,7 +606,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             and isinstance(pid[2], str) and isinstance(pid[3], str) and _is_int(pid[4]) and pid[4] >= 0
         )
         if not ok:
-            raise CheckpointError(f"{self._archive.path}: unsupported persistent id {pid!r:.100}")
+            raise CheckpointError(f"{self._archive.path}: unsupported persistent id {brief(pid)}")
         storage_type, key, numel = pid[1], pid[2], pid[4]
         if key not in self._storages:
             self._storages[key] = _Storage(self._archive, key)
@@ -468,10 +614,52 @@ class _RestrictedUnpickler(pickle.Unpickler):
         itemsize = 1 if storage_type.dtype is None else _DTYPES[storage_type.dtype].itemsize
         if numel * itemsize != storage.nbytes:
             raise CheckpointError(
-                f"{self._archive.path}: storage {key!r} holds {storage.nbytes} bytes, pickle says {numel} x {itemsize}"
+                f"{self._archive.path}: storage {brief(key)} holds {storage.nbytes} bytes, "
+                f"pickle says {brief(numel)} x {itemsize}"
             )
         # The location ('cpu', 'cuda:0', ...) is ignored: everything is read to host memory.
         return (storage, storage_type.dtype)
+
+
+# What each opcode is charged before it runs, beyond 1 step: containers and memo entries cost
+# more memory than a step's byte; calls and BUILD walk their arguments; hashing opcodes check keys.
+# `self.stack` below is the stack as the opcode sees it (after MARK: the marked items).
+_PRE_STEP = {
+    pickle.EMPTY_DICT: lambda u: u._charge(2),
+    pickle.EMPTY_LIST: lambda u: u._charge(2),
+    pickle.MARK: lambda u: u._charge(2),
+    pickle.BINPUT: lambda u: u._charge(2),
+    pickle.LONG_BINPUT: lambda u: u._charge(2),
+    pickle.PUT: lambda u: u._charge(2),
+    pickle.MEMOIZE: lambda u: u._charge(2),
+    pickle.EMPTY_SET: lambda u: u._charge(8),
+    pickle.SETITEM: lambda u: u._check_keys(u.stack[-2:-1]),
+    pickle.SETITEMS: lambda u: u._check_keys(u.stack[0::2]),
+    pickle.DICT: lambda u: u._check_keys(u.stack[0::2]),
+    pickle.ADDITEMS: lambda u: u._check_keys(u.stack),
+    pickle.FROZENSET: lambda u: (u._charge(8), u._check_keys(u.stack)),
+    pickle.REDUCE: lambda u: u._charge(_call_cost(u.stack[-1])),              # func(*args)
+    pickle.NEWOBJ: lambda u: u._charge(_call_cost(u.stack[-1])),              # cls.__new__(cls, *args)
+    pickle.NEWOBJ_EX: lambda u: u._charge(_call_cost(u.stack[-2]) + _size_of(u.stack[-1])),
+    pickle.OBJ: lambda u: u._charge(_call_cost(u.stack)),                     # cls(*args)
+    pickle.INST: lambda u: u._charge(_call_cost(u.stack)),
+    pickle.BUILD: lambda u: u._charge(_call_cost(u.stack[-1])),               # state or (state, slots)
+}
+
+
+def _metered(handler, pre):
+    def step(self):
+        self._work -= 1
+        if self._work < 0:
+            self._charge(0)
+        if pre is not None:
+            pre(self)
+        handler(self)
+    return step
+
+
+_RestrictedUnpickler.dispatch = {code: _metered(handler, _PRE_STEP.get(bytes([code])))
+                                 for code, handler in pickle._Unpickler.dispatch.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,8 +683,39 @@ def read_pth(path, *, lazy: bool = False):
     except CheckpointError:
         raise
     except Exception as e:  # malformed pickles raise all sorts: keep it one clear error type
-        raise CheckpointError(f"{archive.path}: malformed data.pkl ({type(e).__name__}: {e})") from None
+        detail = clip(e)  # one line, clipped: the message may quote the file
+        raise CheckpointError(f"{archive.path}: malformed data.pkl ({type(e).__name__}: {detail})") from None
     return obj if lazy else materialize(obj)
+
+
+_MAX_READ_BYTES = 4 * 2**30     # what reading may allocate when no architecture says what it needs
+
+
+def check_read_budget(tensors, where: str = "", max_bytes: int = _MAX_READ_BYTES) -> int:
+    """Refuse to read ``tensors`` when that would cost far more than its result; returns their bytes.
+
+    Checked before a byte is read, from what the file declares: the tensors' bytes (shape x itemsize)
+    must not exceed ``max_bytes``; the storages they read (a storage is read whole, and a deflated one
+    inflated whole) must not exceed twice those bytes + 1 MiB (a zip bomb: 3 MB of file declaring a
+    3 GB storage for a small tensor); and the tensors must not exceed 16x their storages + 16 MiB
+    (a stride-0 view turning 500 bytes into 3.6 GB). Real checkpoints store each tensor whole, 1:1.
+
+    ``tensors``: objects with ``nbytes``, ``storage_id`` and ``storage_nbytes`` (`LazyTensor`, or the
+    converted-file entries of `eamamba_ref.checkpoint`); each distinct object counts once.
+    """
+    where = f"{where}: " if where else ""
+    unique = {id(t): t for t in tensors}.values()
+    need = sum(t.nbytes for t in unique)
+    stored = sum({t.storage_id: t.storage_nbytes for t in unique}.values())
+    if need > max_bytes:
+        raise CheckpointError(f"{where}tensors of {need:,} bytes exceed the {max_bytes:,} bytes allowed")
+    if stored > 2 * need + 2**20:
+        raise CheckpointError(f"{where}storages declare {stored:,} bytes for {need:,} bytes of tensors "
+                              "(a zip bomb, or views of far larger tensors); refusing to inflate them")
+    if need > 16 * stored + 2**24:
+        raise CheckpointError(f"{where}tensors of {need:,} bytes are views repeating {stored:,} stored bytes "
+                              "(stride 0); refusing to expand them")
+    return need
 
 
 def materialize(obj):
@@ -504,7 +723,29 @@ def materialize(obj):
 
     Dicts and lists are updated in place (sharing and cycles, as unpickled, are preserved: a tensor
     referenced twice becomes one array); tuples holding tensors are rebuilt. Returns the result.
+    What reading will cost is checked first (`check_read_budget`).
     """
+    found: dict[int, LazyTensor] = {}
+    visited: set[int] = set()
+
+    def collect(x):
+        if id(x) in visited:
+            return
+        visited.add(id(x))
+        if isinstance(x, LazyTensor):
+            found[id(x)] = x
+        elif isinstance(x, dict):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+
+    try:
+        collect(obj)
+    except RecursionError:
+        raise CheckpointError("checkpoint object is nested too deeply") from None
+    check_read_budget(found.values())
     seen: dict[int, tuple] = {}  # id(original) -> (original, result); holding it keeps the id unique
 
     def walk(x):

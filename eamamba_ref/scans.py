@@ -77,6 +77,15 @@ def _check_size(height, width):
     return h, w
 
 
+def _check_size_pair(size):
+    """`size` must be the map's `(H, W)`: one clear error for a scalar, a 1-tuple, a triple..."""
+    try:
+        height, width = size
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be the map's (H, W), a pair of positive integers, got {size!r}") from None
+    return _check_size(height, width)
+
+
 # --------------------------------------------------------------------------------------------
 # The five orderings. Each returns the permutation `order` (int64, (H*W,)) of row-major indices.
 # --------------------------------------------------------------------------------------------
@@ -268,7 +277,7 @@ def direction_indices(scan_type, scan_count, size, inverse=False):
     `restore` uses to put every direction back in row-major order. Cached, read-only.
     """
     scan_type, scan_count, _ = _check_config(scan_type, scan_count, "concate")
-    h, w = _check_size(*size)
+    h, w = _check_size_pair(size)
     table, inv = _direction_indices_cached(scan_type, scan_count, h, w)
     return inv if inverse else table
 
@@ -277,7 +286,7 @@ def _check_sequence(x, size, ndim, name):
     x = np.asarray(x)
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
-    h, w = _check_size(*size)
+    h, w = _check_size_pair(size)
     if x.shape[-1] != h * w:
         raise ValueError(f"sequence length {x.shape[-1]} != H*W = {h}*{w} = {h * w}")
     return x, h, w

@@ -5,6 +5,7 @@ that run without torch, from hand-assembled pickles whose expected tensors are w
 """
 
 import collections
+import io
 import json
 import os
 import pickle
@@ -268,6 +269,214 @@ def test_converted_bad_input(tmp_path):
         zf.writestr(HEADER_KEY + ".npy", b"not a npy file")
     with pytest.raises(CheckpointError, match="corrupt converted"):
         load_converted(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile pickles and files, unit by unit (tests/test_hostile_checkpoints.py runs whole crafted files
+# through the command-line entry points under a memory limit).
+
+
+@pytest.mark.parametrize("key", ["w", b"w", 7, -(2**60) + 1, 1.5, None, True, (1, "a", (2.0, None)),
+                                 frozenset({1, 2}), tuple(range(63))])
+def test_plain_dict_keys_are_accepted(tmp_path, key):
+    assert pth_reader._check_key(key) >= 1
+    body = b"}" + pickle.dumps(key, protocol=2)[2:-1] + b"Ns"   # {key: None}, pickled by Python itself
+    assert read_pth(write_archive(tmp_path / "k.pth", body)) == {key: None}
+
+
+THIRTY = [p_int(i) for i in range(30)]
+
+
+def nested(depth):
+    return p_int(0) + b"\x85" * depth                    # ((((0,),),)...) by TUPLE1
+
+
+@pytest.mark.parametrize("key_ops, match", [
+    (nested(200_000), "more than 64 parts"),            # a plain unpickler segfaults hashing this key
+    (b")q\x00" + b"0h\x00h\x00\x86q\x00" * 100, "more than 64 parts"),   # 2**100 leaves sharing 100 tuples
+    (p_tuple(*[p_int(i) for i in range(65)]), "more than 64 parts"),
+    (p_tuple(*THIRTY, p_tuple(*THIRTY, p_tuple(*THIRTY))), "more than 64 parts"),  # < 64 per level, 93 in all
+    (b"\x8a\x08" + (2**61 - 1).to_bytes(8, "little"), "61-bit integer"),         # LONG1
+    (p_global("builtins", "complex") + p_tuple(b"G" + struct.pack(">d", 1.0), b"G" + struct.pack(">d", 2.0)) + b"R",
+     "of type complex"),
+    (p_tensor("0", 1, 0, (1,), (1,)), "of type LazyTensor"),
+], ids=["deep", "shared", "wide", "zigzag", "bigint", "complex", "tensor"])
+def test_unsafe_dict_keys_are_refused_before_hashing(tmp_path, key_ops, match):
+    body = b"}" + key_ops + b"Ns"
+    path = write_archive(tmp_path / "k.pth", body, [("0", b"\0" * 4)])
+    with pytest.raises(CheckpointError, match=match) as info:
+        read_pth(path, lazy=True)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.recursive(st.one_of(st.integers(-(2**59), 2**59), st.text(max_size=5), st.none(), st.booleans()),
+                    lambda inner: st.lists(inner, max_size=4).map(tuple), max_leaves=80))
+def test_property_key_check_counts_every_part(key):
+    """A key is accepted exactly when it has at most 64 parts (tuples count as parts, with their items)."""
+    def parts(x):
+        return 1 + sum(parts(v) for v in x) if isinstance(x, tuple) else 1
+    if parts(key) <= pth_reader._MAX_KEY_PARTS:
+        assert pth_reader._check_key(key) == parts(key)
+        hash(key)
+    else:
+        with pytest.raises(CheckpointError, match="parts"):
+            pth_reader._check_key(key)
+
+
+def test_unpickling_is_metered(tmp_path, monkeypatch):
+    """Every opcode costs a step and calls cost the size of their arguments: a pickle that would build
+    far more than any checkpoint stops at the budget, whichever way it spends it."""
+    ints = b"".join(p_int(i) for i in range(1000))
+    set_calls = b"]q\x00(" + ints + b"ecbuiltins\nset\nq\x01h\x00\x85q\x02(" + b"h\x01h\x02R" * 5000 + b"l"
+    floods = [b"(" + b"}" * 100_000 + b"l", b"(" + b"\x8f" * 30_000 + b"l", set_calls]
+    monkeypatch.setattr(pth_reader, "_MAX_WORK", 200_000)
+    for i, body in enumerate(floods):
+        path = write_archive(tmp_path / f"f{i}.pth", body)
+        with pytest.raises(CheckpointError, match="more than 200,000 unpickling steps"):
+            read_pth(path)
+    # the same kinds of pickle, ten times smaller, are fine
+    assert len(read_pth(write_archive(tmp_path / "ok.pth", b"(" + b"}" * 10_000 + b"l"))) == 10_000
+    got = read_pth(write_archive(tmp_path / "ok2.pth", set_calls.replace(b"h\x01h\x02R" * 5000, b"h\x01h\x02R" * 10)))
+    assert len(got) == 10 and got[0] == set(range(1000))
+
+
+@pytest.mark.parametrize("body, match", [
+    (p_call(p_global("collections", "OrderedDict"), p_tuple(p_tuple(p_str("a"), p_int(1)))), "OrderedDict called"),
+    (p_call(p_global("builtins", "set"), p_str("abc")), "not a list"),
+    (p_call(p_global("builtins", "complex"), p_str("1+2j")), "complex called"),
+    (p_call(p_global("torch", "device"), p_tuple(p_str("cuda")), p_int(0)), "torch.device called"),
+    (p_call(p_global("torch", "Size"), p_tuple(*[p_int(1)] * 40)), "torch.Size called"),
+    (p_call(p_global("torch", "Size"), p_tuple(p_str("1"))), "torch.Size called"),
+    (p_global("builtins", "set") + p_tuple() + b"\x81", "malformed data.pkl"),           # NEWOBJ on a stand-in
+    (p_global("b" * 100_000, "x"), r"refusing to load global b+\.\.\.b+\.x "),      # long names clipped
+], ids=["OrderedDict", "set", "complex", "device", "Size40", "Size_str", "newobj", "long_global"])
+def test_stand_ins_check_their_arguments(tmp_path, body, match):
+    with pytest.raises(CheckpointError, match=match) as info:
+        read_pth(write_archive(tmp_path / "x.pth", body))
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("size, stride, match", [((1,) * 33, (1,) * 33, "33 dimensions"),
+                                                 ((2**30, 2**30), (0, 0), "larger than any array")])
+def test_unrepresentable_shapes_refused(tmp_path, size, stride, match):
+    path = write_archive(tmp_path / "x.pth", p_tensor("0", 1, 0, size, stride), [("0", b"\0" * 4)])
+    with pytest.raises(CheckpointError, match=match):
+        read_pth(path, lazy=True)
+
+
+def test_read_budget_refuses_zip_bombs_and_stride0_blowups_before_reading(tmp_path, monkeypatch):
+    reads = []
+    monkeypatch.setattr(pth_reader._Archive, "read", lambda self, key: reads.append(key))
+    w = np.zeros(12, np.float32).tobytes()
+    # storage of 3 MB behind a 48-byte tensor: refused (its zip entry is small but declares 3 MB)
+    bomb = write_archive(tmp_path / "bomb.pth", p_dict(w=p_tensor("0", 750_000, 0, (12,), (1,))),
+                         [("0", b"\0" * 3_000_000)], compression=zipfile.ZIP_DEFLATED)
+    assert os.path.getsize(bomb) < 20_000
+    with pytest.raises(CheckpointError, match="zip bomb"):
+        read_pth(bomb)
+    with pytest.raises(CheckpointError, match="zip bomb"):
+        load_state(bomb)
+    # 12 stored floats seen as 3000 x 3000 (stride 0): refused
+    blowup = write_archive(tmp_path / "s0.pth", p_dict(w=p_tensor("0", 12, 0, (3000, 3000), (0, 0))), [("0", w)])
+    with pytest.raises(CheckpointError, match="stride 0"):
+        load_state(blowup)
+    assert reads == []                                    # nothing was read or inflated
+    # the rule's edges: storage up to 2x the tensors (+1 MiB) and tensors up to 16x the storage (+16 MiB)
+    class Fake:
+        def __init__(self, nbytes, storage):
+            self.nbytes, self.storage_id, self.storage_nbytes = nbytes, id(self), storage
+    assert pth_reader.check_read_budget([Fake(10**8, 2 * 10**8 + 2**20)]) == 10**8
+    assert pth_reader.check_read_budget([Fake(16 * 10**8 + 2**24, 10**8)]) > 0
+    for fake in (Fake(10**8, 2 * 10**8 + 2**20 + 1), Fake(16 * 10**8 + 2**24 + 1, 10**8)):
+        with pytest.raises(CheckpointError):
+            pth_reader.check_read_budget([fake])
+    with pytest.raises(CheckpointError, match="exceed the 1,000 bytes allowed"):
+        pth_reader.check_read_budget([Fake(1001, 1001)], max_bytes=1000)
+
+
+@pytest.mark.parametrize("value, match", [
+    (np.zeros(3, np.complex64), "complex64; weights must be real"),
+    (np.zeros(3, "M8[s]"), "datetime64"),
+    (np.zeros(3, [("a", "<f4")]), "weights must be real"),
+    (np.array(["a"]), "<U1"),
+    (np.array([1.0, np.nan, np.inf], np.float32), "holds 2 NaN/Inf values"),
+    (np.array([1e300], np.float64), "holds 1 NaN/Inf values beyond float32's range"),
+])
+def test_state_dicts_with_unusable_values_are_refused(tmp_path, value, match):
+    path = tmp_path / "m.npz"
+    save_converted(path, "eamamba", {}, {"w": value, "ok": np.ones(2, np.float32)})
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_state(path)
+    assert "'w'" in str(info.value)
+    assert load_converted(path).state_dict["w"].dtype == value.dtype      # the raw reader returns them as stored
+
+
+def test_converted_entries_are_checked_against_their_declared_size(tmp_path):
+    path = tmp_path / "m.npz"
+    save_converted(path, "eamamba", {"dim": 1}, {"w": np.arange(6, dtype=np.float32)})
+    with zipfile.ZipFile(path) as zf:
+        header = zf.read(HEADER_KEY + ".npy")
+    def rebuild(name, entry, extra=()):
+        out = tmp_path / name
+        with zipfile.ZipFile(out, "w") as zf:
+            zf.writestr(HEADER_KEY + ".npy", header)
+            zf.writestr("w.npy", entry)
+            for n, data in extra:
+                zf.writestr(n, data)
+        return out
+    npy = io.BytesIO()
+    np.lib.format.write_array(npy, np.arange(6, dtype=np.float32))
+    good = npy.getvalue()
+    np.testing.assert_array_equal(load_converted(rebuild("ok.npz", good)).state_dict["w"], np.arange(6))
+    for name, entry, extra, match in [
+        ("short.npz", good[:-4], (), "declares 148 bytes, but its header describes 152"),
+        ("long.npz", good + b"\0" * 4, (), "declares 156 bytes"),
+        ("pickled.npz", good.replace(b"'<f4'", b"'|O' "), (), "Python objects"),
+        ("extra.npz", good, (("notes.txt", b"hi"),), "unexpected entry 'notes.txt'"),
+    ]:
+        with pytest.raises(CheckpointError, match=match):
+            load_converted(rebuild(name, entry, extra))
+    # a JSON header declared larger than 1 MiB is refused before it is read
+    big = tmp_path / "bighead.npz"
+    with zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as zf:
+        text = io.BytesIO()
+        np.lib.format.write_array(text, np.array(json.dumps({"format_version": 1, "pad": "x" * 2**20})))
+        zf.writestr(HEADER_KEY + ".npy", text.getvalue())
+    with pytest.raises(CheckpointError, match="malformed __eamamba_ref__ header"):
+        load_converted(big)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["<f4", ">f4", "<f2", ">f8", "<i8", ">u2", "|b1"]),
+       st.lists(st.integers(0, 4), min_size=0, max_size=3), st.booleans(), st.integers(0, 2**31 - 1))
+def test_property_converted_entries_read_like_numpy(dtype, shape, fortran, seed):
+    """Whatever byte order and memory order an entry was written in, it reads as np.load reads it
+    (np.load is the independent reference), in native byte order and C order."""
+    import tempfile
+    rng = np.random.default_rng(seed)
+    arr = (rng.standard_normal(shape) * 50).astype(dtype)
+    if fortran:
+        arr = np.asfortranarray(arr)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.npz")
+        save_converted(path, None, None, {"a": arr})
+        got = load_converted(path).state_dict["a"]
+        with np.load(path, allow_pickle=False) as ref:
+            expect = ref["a"]
+    assert got.dtype.isnative and got.flags.c_contiguous and got.dtype == expect.dtype.newbyteorder("=")
+    np.testing.assert_array_equal(got, expect)
+
+
+def test_brief_is_bounded():
+    from eamamba_ref.untrusted import brief
+    t = ()
+    for _ in range(200):
+        t = (t, t)                                         # repr would take 2**200 steps
+    long_values = [t, "x" * 10**7, b"y" * 10**7, 10**5000, list(range(10**6)), {i: i for i in range(10**5)},
+                   collections.OrderedDict((str(i), [i] * 100) for i in range(1000)), object()]
+    for v in long_values:
+        assert len(brief(v)) < 200
 
 
 # --------------------------------------------------------------------------------------------------

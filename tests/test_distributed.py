@@ -16,7 +16,7 @@ tifffile = pytest.importorskip("tifffile")
 from eamamba_ref import distributed as dist, inference, restore  # noqa: E402
 from eamamba_ref.images import ImageError, read_image, write_image  # noqa: E402
 
-from test_restore import image, write_model  # noqa: E402
+from test_restore import files_in, image, umask_mode, write_model  # noqa: E402
 
 # another cluster on this machine may hold Dask's default HTTP port; the in-process one takes any
 pytestmark = pytest.mark.filterwarnings("ignore:Port .* is already in use")
@@ -127,6 +127,125 @@ def test_cluster_mode_bad_requests_are_one_line_errors(tmp_path, unet, client, c
     assert err.startswith("error: ") and "\n" not in err and match in err, err
 
 
+@pytest.mark.parametrize("case, match", [
+    ("empty folder", "no images"),
+    ("a.png and a.jpg", "would both be written"),
+    ("workers 0", "--workers must be >= 1, got 0"),
+    ("glob matching nothing", "no files match"),
+    ("out names a file", "--out must be a folder"),
+    ("chunk smaller than tile", "at least the tile size"),
+    ("tile without room for the overlap", "--tile-overlap in [0, tile)"),
+    ("chunk 0", "--chunk must be a positive size"),
+    ("empty folder named dd.png", "no images"),
+    ("out is a plain file", "exists and is not a folder"),
+])
+def test_folder_and_cluster_requests_fail_with_one_line_before_the_cluster_starts(tmp_path, unet, capsys, case,
+                                                                                  match):
+    folder = make_folder(tmp_path / "in", corrupt=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dd.png").mkdir()
+    (tmp_path / "plain").write_text("x")
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    write_image(twins / "a.png", image(8, 8, 3) / 255.0, 8)
+    write_image(twins / "a.jpg", image(8, 8, 3) / 255.0, 8)
+    args = {"empty folder": [str(tmp_path / "empty")],
+            "a.png and a.jpg": [str(twins)],
+            "workers 0": [str(folder), "--workers", "0"],
+            "glob matching nothing": [str(tmp_path / "nothing" / "*.png")],
+            "out names a file": [str(folder), "--out", str(tmp_path / "file.png")],
+            "chunk smaller than tile": [str(folder / "rgba.tif"), "--chunk", "8", "--tile", "16", "--tile-overlap", "4"],
+            "tile without room for the overlap": [str(folder / "rgba.tif"), "--chunk", "64", "--tile", "16"],
+            "chunk 0": [str(folder / "rgba.tif"), "--chunk", "0"],
+            "empty folder named dd.png": [str(tmp_path / "dd.png")],
+            "out is a plain file": [str(folder), "--out", str(tmp_path / "plain")]}[case]
+    before = files_in(tmp_path)
+    # no --scheduler: a local cluster would be started (seconds) if the request got that far
+    assert restore.main(args + ["--weights", unet]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and match in err, err
+    assert files_in(tmp_path) == before
+
+
+def test_an_unwritable_out_folder_is_one_line_before_the_cluster_starts(tmp_path, unet, capsys, monkeypatch):
+    from eamamba_ref import atomic
+    from test_restore import read_only_folder
+    folder = make_folder(tmp_path / "in", corrupt=False)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only_folder)      # as on a read-only mount
+    assert restore.main([str(folder), "--weights", unet, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'out'}: Read-only file system"
+    assert files_in(tmp_path / "out") == []
+
+
+def test_errors_under_python_dash_m_are_one_line(tmp_path, unet):
+    """`python -m eamamba_ref.restore` runs restore.py as __main__: its errors must still be caught."""
+    import subprocess
+    import sys
+    (tmp_path / "empty").mkdir()
+    for args in [[str(tmp_path / "empty")], [str(tmp_path / "*.png")]]:
+        run = subprocess.run([sys.executable, "-m", "eamamba_ref.restore", *args, "--weights", unet],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_an_out_folder_named_like_an_image_is_a_folder(tmp_path, unet, client):
+    folder = make_folder(tmp_path / "in", corrupt=False)
+    (tmp_path / "dd.png").mkdir()
+    assert restore.main([str(folder), "--weights", unet, "--out", str(tmp_path / "dd.png"),
+                         "--scheduler", client.scheduler.address]) == 0
+    assert sorted(p.name for p in (tmp_path / "dd.png").iterdir()) == [
+        "gray16_denoise.png", "rgb_denoise.png", "rgba_denoise.tif"]
+
+
+def test_without_dask_the_error_names_the_extra(tmp_path, unet, capsys, monkeypatch):
+    import sys
+    folder = make_folder(tmp_path / "in", corrupt=False)
+    monkeypatch.setitem(sys.modules, "distributed", None)        # `import distributed` now fails
+    assert restore.main([str(folder), "--weights", unet, "--scheduler", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and 'pip install "eamamba_ref[dask]"' in err, err
+
+
+def test_an_unreachable_scheduler_fails_fast(tmp_path, unet, capsys):
+    import time
+    folder = make_folder(tmp_path / "in", corrupt=False)
+    start = time.monotonic()
+    assert restore.main([str(folder), "--weights", unet, "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert time.monotonic() - start < dist.CONNECT_TIMEOUT + 10          # not distributed's 30 s
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot connect to the Dask scheduler at tcp://127.0.0.1:1") and "\n" not in err
+
+
+def test_ctrl_c_in_folder_mode_says_what_is_done(tmp_path, unet, client, capsys, monkeypatch):
+    import distributed
+    folder = make_folder(tmp_path / "in", corrupt=False)
+    real = distributed.as_completed
+
+    def one_then_ctrl_c(futures):
+        yield next(iter(real(futures)))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(distributed, "as_completed", one_then_ctrl_c)
+    args = [str(folder), "--weights", unet, "--scheduler", client.scheduler.address, "--out", str(tmp_path / "out")]
+    assert restore.main(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted; 1 of 3 done, rerun to resume"
+    monkeypatch.setattr(distributed, "as_completed", real)
+    assert restore.main(args) == 0                                  # the rerun finishes the job
+    assert len(list((tmp_path / "out").iterdir())) == 3
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_weights_are_loaded_once_per_worker_process(tmp_path, unet, client, monkeypatch):
+    loads = []
+    real = restore.load_task_model
+    monkeypatch.setattr(restore, "load_task_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(dist, "_MODELS", {})              # both in-process workers share this process
+    folder = make_folder(tmp_path / "in", corrupt=False)
+    report = dist.restore_batch(dist.find_images([str(folder)]), dist.Settings(weights=unet), client,
+                                str(tmp_path / "out"), progress=False)
+    assert len(report.written) == 3 and len(loads) == 1
+
+
 def test_two_inputs_with_the_same_output_are_refused(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     with pytest.raises(restore.RestoreError, match="both be written"):
@@ -199,6 +318,7 @@ def test_restore_large_writes_the_single_process_tiled_result(tmp_path, unet, cl
     assert np.array_equal(got, want)
     if c == 4:
         assert np.array_equal(got[..., 3], data[..., 3])          # alpha passed through
+    assert (out.stat().st_mode & 0o777) == umask_mode()          # not the temporary file's 0600
     with pytest.raises(ImageError, match="exists"):               # never replaced without asking
         dist.restore_large(src, out, "denoise", unet, client=client, chunk=24, tile=16, overlap=4, progress=False)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -6,7 +6,6 @@ reference scan -> restore), which test_mhssm.py checks against float64 and torch
 vectorised exp (~3e-7 relative).
 """
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -104,14 +103,3 @@ def test_whole_model_numba_matches_numpy_backend():
     ref = EAMamba(cfg, params, backend="numpy")(x)
     got = EAMamba(cfg, params, backend="numba")(x)
     assert rel_err(got, ref.astype(np.float64)) <= 1e-5
-
-
-def test_tracing_runs_the_plain_composition():
-    trace = pytest.importorskip("eamamba_ref.trace")
-    if not hasattr(trace, "recording"):
-        pytest.skip("no trace.recording")
-    cfg = MambaConfig(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_conv=3, conv_2d=True)
-    x = np.zeros((1, 16, 4), np.float32)
-    assert mhssm_module._fused(x, cfg, "numba")
-    with trace.recording():
-        assert not mhssm_module._fused(x, cfg, "numba")

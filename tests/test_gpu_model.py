@@ -3,12 +3,17 @@
 Run on numba's CUDA simulator in CI (NUMBA_ENABLE_CUDASIM=1 is set for this module's subprocess,
 so the rest of the suite keeps the real numba.cuda), and on a GPU by benchmarks/gpu_check.py.
 Each case runs in a fresh interpreter because the simulator is chosen when numba.cuda is imported.
+The models run the kernels a GPU runs, at the GPU's tile size: every product goes through the
+tiled 16 x 16 GEMM (several blocks each), every other kernel over several blocks (the cases record
+the grids, and the tests check them). The simulator is slow at that (each simulated thread is a
+Python thread): the toy U-Net's ~470 GEMM blocks take ~100 s of CPU time.
 """
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -19,9 +24,27 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     from eamamba_ref.config import ModelConfig
     from eamamba_ref.model import EAMamba, init_params
-    from eamamba_ref.gpu import DeviceTensor
-    from eamamba_ref.gpu import tensor as T
-    from eamamba_ref import layers
+    from eamamba_ref.gpu import kernels as K
+    from eamamba_ref.ssm import gpu as gpu_scan
+
+    gpu_scan.POISON_OUTPUTS = True      # outputs start as NaN: an element left unwritten fails
+
+    # record the grids: GEMM blocks (tiled) and plain-GEMM uses, grid-stride blocks
+    grids = {"gemm_launches": 0, "gemm_max_blocks": 0, "simple_gemm_launches": 0, "max_blocks": 0}
+    _gemm_launch, _launch, _matmul_kernel = K.gemm_launch, K.launch, K.matmul_kernel
+    def gemm_launch(z, m, n):
+        blocks, threads = _gemm_launch(z, m, n)
+        grids["gemm_launches"] += 1
+        grids["gemm_max_blocks"] = max(grids["gemm_max_blocks"], blocks)
+        return blocks, threads
+    def launch(n):
+        blocks, threads = _launch(n)
+        grids["max_blocks"] = max(grids["max_blocks"], blocks)
+        return blocks, threads
+    def matmul_kernel(z, m, n, tiled=True):
+        grids["simple_gemm_launches"] += not tiled
+        return _matmul_kernel(z, m, n, tiled)
+    K.gemm_launch, K.launch, K.matmul_kernel = gemm_launch, launch, matmul_kernel
 
     name, args, shape = json.loads(sys.argv[1])
     cfg = ModelConfig.from_args(name, args)
@@ -30,7 +53,7 @@ SCRIPT = textwrap.dedent("""
     ref = EAMamba(cfg, params, backend="numpy")(x)
     out = EAMamba(cfg, params, backend="cuda")(x)
     result = {"shape": list(out.shape), "ref_shape": list(ref.shape),
-              "rel": float(np.abs(out - ref).max() / np.abs(ref).max())}
+              "rel": float(np.abs(out - ref).max() / np.abs(ref).max()), "tile": K.TILE, **grids}
     print(json.dumps(result))
 """)
 
@@ -38,7 +61,7 @@ SCRIPT = textwrap.dedent("""
 def run_case(name, args, shape):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([name, args, shape])],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -63,18 +86,58 @@ def test_gpu_model_matches_numpy(case):
     r = run_case(name, args, shape)
     assert r["shape"] == r["ref_shape"]
     assert r["rel"] < 1e-4, r
+    # the GPU's kernels at the GPU's tile: tiled GEMM only, several blocks per launch
+    assert r["tile"] == 16 and r["gemm_launches"] > 0 and r["simple_gemm_launches"] == 0, r
+    assert r["gemm_max_blocks"] >= 2 and r["max_blocks"] >= 2, r
 
 
 def test_gpu_check_script_rehearses_on_the_simulator(tmp_path):
-    """benchmarks/gpu_check.py is what a lent GPU runs, once: rehearse it here (toy model)."""
+    """benchmarks/gpu_check.py is what a lent GPU runs, once: rehearse every stage here (--tiny:
+    small kernel checks, one toy model, a 4x4 'timing'; torch, if installed, runs on the CPU)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "gpu.json"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_check.py"), "--tiny",
-                           "--repeats", "1", "--json", str(out)], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "GPU CHECK: PASS (CUDA simulator)"
     result = json.loads(out.read_text())
-    assert result["device"] == "CUDA simulator"
-    assert result["agreement"]["rel_max_err"] < 1e-4
-    assert result["timings"][0]["size"] == 8 and result["timings"][0]["eamamba_ref_cuda_s"] > 0
+    assert result["verdict"] == "PASS" and not result["errors"]
+    assert result["environment"]["device"] == "CUDA simulator"
+    kernels = result["kernels"]
+    assert {"gemm_tiled", "gemm_simple", "conv_depthwise", "layer_norm_channels", "pixel_shuffle",
+            "all_around_hilbert", "restore_zigzag", "scan_one_chunk", "scan_chunked"} <= set(kernels)
+    assert all(k["ok"] and k["rel_err"] <= k["tol"] for k in kernels.values())
+    assert result["models"]["sr_cca_hilbert"]["rel_err"] < 1e-4
+    assert result["timings"][0]["size"] == 4 and result["timings"][0]["eamamba_ref_cuda_s"] > 0
+    if result["environment"]["packages"]["torch"]:
+        assert result["models"]["cuda_vs_torch_4"]["ok"] and result["timings"][0]["torch_s"] > 0
+
+
+def test_cuda_is_opt_in_and_announced_once(monkeypatch, capsys):
+    """Until benchmarks/gpu_check.py has passed on a GPU, 'cuda' is never a default, and its first
+    use in a process says, in one warning or one line, that it is not yet verified on hardware."""
+    from eamamba_ref import restore, ssm
+
+    if ssm.CUDA_VERIFIED_ON_HARDWARE:
+        pytest.skip("the cuda backend has been verified on hardware")
+    monkeypatch.delenv("EAMAMBA_BACKEND", raising=False)
+    monkeypatch.setattr(ssm, "_cuda_noted", False)
+    monkeypatch.setattr(ssm, "_cuda_available", lambda: True)     # as on a machine with a GPU
+    assert restore.default_backend() == "numba" and ssm.get_default_backend() == "numba"
+
+    def user_code():
+        return ssm.resolve_backend("cuda")
+    with pytest.warns(ssm.CudaNotVerifiedWarning, match="not yet verified on GPU hardware") as record:
+        assert user_code() == "cuda"
+    assert len(record) == 1 and record[0].filename == __file__     # points at the caller's code
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert user_code() == "cuda"                                # once per process only
+
+    monkeypatch.setattr(ssm, "_cuda_noted", False)
+    ssm.note_cuda_unverified(sys.stderr)                            # the command-line form
+    ssm.note_cuda_unverified(sys.stderr)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: the 'cuda' backend is not yet verified")

@@ -1,13 +1,17 @@
-"""The teaching notebooks run top to bottom; they are committed without outputs; the figures script works.
+"""The teaching notebooks run top to bottom; they are committed without outputs; the figures script works;
+the set-up installs a Jupyter front-end; README, docs/ and notebooks/ speak to users.
 
 Each notebook in notebooks/ is executed with nbclient in a fresh kernel of this interpreter (working
 directory notebooks/, as a reader opening it there), with a per-cell timeout. An exception in any cell
-fails the test and shows that cell's traceback; outputs are never written back to the files.
+fails the test and shows that cell's traceback -- including the notebooks' own asserts, which check every
+numeric comparison against its tolerance and the statements their text makes; outputs are never written
+back to the files.
 Notebooks 3 and 4 use the bundled demo weights when they exist and say so when they fall back to
 random weights, so these tests pass in either case (set EAMAMBA_DEMO_WEIGHTS to try other weights).
 """
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
@@ -48,6 +52,51 @@ def test_notebook_runs_top_to_bottom(path):
     assert not errors
     # every notebook draws something: at least one figure came back from the kernel
     assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+
+
+# README, docs/ and the notebooks speak to users: no words about how the project was made (its work sessions,
+# its internal issues and notes, paths of the machines it was made on). A bug of the official code is "a bug
+# reported upstream", not "issue 4".
+FORBIDDEN = [r"\bsessions?\b", r"\bthe issues?\b", r"\bissue'?s?\s*#?\s*\d+", r"\bissue's\b", r"FACTS\.md",
+             r"\.\./shared\b", r"/work/", r"closing note"]
+USER_FACING = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted(NOTEBOOK_DIR.glob("*.md")), *NOTEBOOKS]
+
+
+def test_user_facing_text_does_not_talk_about_how_it_was_made():
+    hits = []
+    for path in USER_FACING:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for pattern in FORBIDDEN:
+                if re.search(pattern, line, re.IGNORECASE):
+                    hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert not hits, "user-facing text mentions the project's making:\n" + "\n".join(hits)
+
+
+def test_the_wording_check_catches_what_it_should():
+    bad = ["over two sessions", "the issue's targets", "upstream issue 4", "see issue #12", "FACTS.md",
+           "../shared/data/Kodak24", "/work/shared/x", "in the closing note", "as the issue says"]
+    good = ["a bug reported upstream", "a folder of training images (e.g. CBSD432)", "the official code",
+            "tissue", "measured on a 2-core CPU"]
+    assert all(any(re.search(p, text, re.IGNORECASE) for p in FORBIDDEN) for text in bad)
+    assert not any(re.search(p, text, re.IGNORECASE) for p in FORBIDDEN for text in good)
+
+
+def _install_extras(text):
+    found = re.findall(r'pip install (?:--quiet )?-e "\.\[([^\]]*)\]"', text)
+    assert len(found) == 1, found
+    return found[0].split(",")
+
+
+def test_the_set_up_installs_a_jupyter_front_end_and_ci_installs_the_same():
+    readme = _install_extras((ROOT / "README.md").read_text(encoding="utf-8"))
+    ci = _install_extras((ROOT / ".ci" / "run").read_text(encoding="utf-8"))
+    assert readme == ci
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    for extra in readme:
+        assert re.search(rf"^{extra} = \[", pyproject, re.MULTILINE), f"no extra {extra!r} in pyproject.toml"
+    notebooks = re.search(r"^notebooks = \[(.*?)\]", pyproject, re.MULTILINE | re.DOTALL)
+    assert "notebooks" in readme and notebooks and "jupyterlab" in notebooks[1] and "nbconvert" in notebooks[1]
+    assert "jupyter lab notebooks/" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def _make_figures():

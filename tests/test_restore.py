@@ -187,6 +187,7 @@ def test_super_resolution_scales_image_and_alpha(tmp_path):
     (["--weights", "nope.npz", "IMG"], "no such weights"),
     (["--weights", "UNET", "NOTIMG"], "cannot read image"),
     (["--weights", "UNET", "IMG", "--tile", "4"], "--tile"),
+    (["--weights", "UNET", "IMG", "nofolder/b.png"], "nofolder/b.png: no such file"),   # not "no output folder"
 ])
 def test_bad_requests_are_one_line_errors(tmp_path, unet, capsys, args, match):
     img = tmp_path / "img.png"
@@ -224,3 +225,167 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+# ------------------------------------------------------------- writers and user errors
+def files_in(folder):
+    """Every entry of `folder` (hidden temporary files included), recursively, as relative names."""
+    import os
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names)
+
+
+def umask_mode():
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def test_atomic_output_never_clobbers_and_leaves_nothing_on_failure(tmp_path):
+    from eamamba_ref.atomic import atomic_output
+    from eamamba_ref.errors import CommandError
+    path = tmp_path / "x.txt"
+    with atomic_output(path) as tmp:
+        open(tmp, "w").write("one")
+    assert path.read_text() == "one" and (path.stat().st_mode & 0o777) == umask_mode()
+    with pytest.raises(CommandError, match="exists"):
+        with atomic_output(path) as tmp:
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_output(path, overwrite=True) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("the writer failed")
+    assert path.read_text() == "one" and files_in(tmp_path) == ["x.txt"]
+    # the destination appears while writing: not replaced, the temp file is removed
+    with pytest.raises(CommandError, match="exists"):
+        with atomic_output(tmp_path / "y.txt") as tmp:
+            open(tmp, "w").write("mine")
+            (tmp_path / "y.txt").write_text("theirs")
+    assert (tmp_path / "y.txt").read_text() == "theirs" and files_in(tmp_path) == ["x.txt", "y.txt"]
+
+
+def no_space(*args, **kwargs):
+    """A writer on a full disk: some bytes, then ENOSPC (as the OS reports it, without a file name)."""
+    import errno
+    path = args[0]
+    open(path, "wb").write(b"\x89PNG partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def read_only_folder(*args, **kwargs):
+    import errno
+    raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing folder", "output folder .* does not exist"),
+    ("not a folder", "exists and is not a folder"),
+    ("weights folder", "is a folder; --weights takes a weights file"),
+    ("read-only", "Read-only file system"),
+    ("disk full", r"out\.png: No space left on device"),
+])
+def test_output_path_problems_are_one_line_errors_and_leave_no_files(tmp_path, unet, capsys, monkeypatch, case, match):
+    import re
+
+    import imageio.v3 as iio
+
+    from eamamba_ref import atomic
+    src = tmp_path / "a.png"
+    write_image(src, image(8, 8, 3) / 255.0, 8)
+    (tmp_path / "plainfile").write_text("not a folder")
+    args = {"missing folder": ["-o", str(tmp_path / "missing" / "out.png")],
+            "not a folder": ["-o", str(tmp_path / "plainfile")],
+            "weights folder": ["-o", str(tmp_path / "out.png"), "--weights", str(tmp_path)],
+            "read-only": ["-o", str(tmp_path / "out.png")],
+            "disk full": ["-o", str(tmp_path / "out.png")]}[case]
+    if case == "read-only":
+        monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only_folder)
+    if case == "disk full":
+        monkeypatch.setattr(iio, "imwrite", no_space)
+    before = files_in(tmp_path)
+    weights = [] if "--weights" in args else ["--weights", unet]
+    assert restore.main([str(src), *weights, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and re.search(match, err), err
+    assert files_in(tmp_path) == before                     # no output, no temporary file
+
+
+def test_several_inputs_with_one_output_are_refused_before_any_work(tmp_path, unet, capsys):
+    src = tmp_path / "a.png"
+    write_image(src, image(8, 8, 3) / 255.0, 8)
+    write_image(tmp_path / "a.jpg", image(8, 8, 3) / 255.0, 8)      # a.jpg -> a_denoise.png too
+    assert restore.main([str(src), str(tmp_path / "a.jpg"), "--weights", unet]) == 2
+    assert "both be written" in capsys.readouterr().err
+    assert files_in(tmp_path) == ["a.jpg", "a.png"]                  # not even the first one
+
+
+def test_demo_writes_into_its_own_folder(tmp_path, unet, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert restore.main(["--weights", unet, "--tile", "64", "--tile-overlap", "8"]) == 0
+    assert files_in(tmp_path) == [f"{restore.DEMO_DIR}/eamamba_demo_denoise.png",
+                                  f"{restore.DEMO_DIR}/eamamba_demo_denoise_comparison.png"]
+    for name in files_in(tmp_path):
+        assert ((tmp_path / name).stat().st_mode & 0o777) == umask_mode()
+    assert restore.main(["--weights", unet]) == 2                     # a second demo does not replace it
+    assert "exists" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(tmp_path, unet, capsys, monkeypatch):
+    src = tmp_path / "a.png"
+    write_image(src, image(8, 8, 3) / 255.0, 8)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(restore, "restore_array", interrupted)
+    assert restore.main([str(src), "--weights", unet]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert files_in(tmp_path) == ["a.png"]
+
+
+def test_evaluate_never_replaces_a_csv(tmp_path, capsys):
+    from eamamba_ref import evaluate
+    (tmp_path / "data").mkdir()
+    write_image(tmp_path / "data" / "x.png", image(16, 16, 3) / 255.0, 8)
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text("precious\n")
+    args = ["--data", str(tmp_path / "data"), "--no-model", "--baselines", "none", "--csv", str(csv_path)]
+    assert evaluate.main(args) == 2
+    assert "exists" in capsys.readouterr().err and csv_path.read_text() == "precious\n"
+    assert evaluate.main(args + ["--overwrite"]) == 0
+    assert csv_path.read_text().startswith("image,method,psnr,ssim,seconds")
+    assert (csv_path.stat().st_mode & 0o777) == umask_mode()
+    assert files_in(tmp_path) == ["data/x.png", "results.csv"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.booleans(), st.booleans(), st.binary(max_size=64)), min_size=1, max_size=6))
+def test_atomic_output_holds_the_last_complete_permitted_write(steps):
+    """Any sequence of writes (overwrite or not, failing midway or not): the file holds the bytes of
+    the last write that was allowed and completed, or does not exist; no temporary file remains."""
+    import os
+    import tempfile
+
+    from eamamba_ref.atomic import atomic_output
+    from eamamba_ref.errors import CommandError
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/out.bin"
+        want = None
+        for overwrite, fail, data in steps:
+            allowed = want is None or overwrite
+            try:
+                with atomic_output(path, overwrite) as tmp:
+                    with open(tmp, "wb") as f:
+                        f.write(data[: len(data) // 2])
+                        if fail:
+                            raise RuntimeError("writer failed midway")
+                        f.write(data[len(data) // 2:])
+            except CommandError:
+                assert not allowed
+            except RuntimeError:
+                assert allowed and fail
+            else:
+                assert allowed and not fail
+                want = data
+            assert os.listdir(folder) == ([] if want is None else ["out.bin"])
+            if want is not None:
+                assert open(path, "rb").read() == want

@@ -163,6 +163,16 @@ def test_restore_inverts_all_around(size, config, merge, batch, per_head):
     np.testing.assert_allclose(back, factor * x, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [(30,), 30, (4, 5, 6), None])
+def test_a_size_that_is_not_a_pair_is_a_clear_error(size):
+    x = np.zeros((1, 8, 30), np.float32)
+    for call in (lambda: scans.all_around(x, size, "diagonal", 8, "concate"),
+                 lambda: scans.restore(x[:, None], size, "diagonal", 1, "add"),
+                 lambda: scans.direction_indices("diagonal", 8, size)):
+        with pytest.raises(ValueError, match=r"size must be the map's \(H, W\)"):
+            call()
+
+
 @fast
 @given(size=sizes, config=st.sampled_from(CONFIGS))
 def test_inverse_index_inverts(size, config):

@@ -1,9 +1,9 @@
-"""Train the bundled demo models on this project's CPU: the recipe behind eamamba_ref/weights/.
+"""Train the bundled demo models on a 2-core CPU: the recipe behind eamamba_ref/weights/.
 
-    python training/train_demo.py --task denoise --data ../shared/data/train/CBSD432 \
-        --val ../shared/data/Kodak24 --minutes 60 --out training/runs/denoise --total-steps 5800
-    python training/train_demo.py --task sr2 --data ../shared/data/train/CBSD432 \
-        --val ../shared/data/Set14 --patch 96 --lr 5e-4 --minutes 40 --out training/runs/sr2 --total-steps 7000
+    python training/train_demo.py --task denoise --data path/to/CBSD432 \
+        --val path/to/Kodak24 --minutes 60 --out training/runs/denoise --total-steps 5800
+    python training/train_demo.py --task sr2 --data path/to/CBSD432 \
+        --val path/to/Set14 --patch 96 --lr 5e-4 --minutes 40 --out training/runs/sr2 --total-steps 7000
 
 The models are the paper's architecture (MHSSM with the 8-direction all-around diagonal scan,
 'concate' merge) scaled down so that training fits a 2-core CPU. Training uses the PyTorch

@@ -3,12 +3,20 @@ lives in ``ssm/gpu.py``).
 
 Every kernel but the GEMM walks its output with a *grid-stride loop* over one flat index: thread i
 does items i, i + gridsize, ... This is the usual CUDA idiom, and it lets `launch` pick the grid
-freely: thousands of threads on a GPU, one small block under numba's CUDA simulator, which runs
-every simulated thread as a Python thread (~0.1 ms each), so the tests stay fast while running the
-very same kernels. Arrays arrive with fixed ranks; callers reshape (contiguous) arrays to fit.
+freely: up to 4096 blocks of 256 threads on a GPU, at most 4 blocks of 32 under numba's CUDA
+simulator, which runs every simulated thread as a Python thread (~0.25 ms each to start). Several
+blocks there, and arrays larger than the grid, so that the block index and the stride's wrap-around
+are exercised by the tests as they are on a GPU (tests/test_gpu_kernels.py also runs every kernel at
+the GPU's own 256-thread blocks). `launch` reads THREADS and MAX_BLOCKS when called, so a test can
+switch between the two. Arrays arrive with fixed ranks; callers reshape (contiguous) arrays to fit.
+
+The GEMM is tiled in shared memory with TILE x TILE blocks, TILE = 16 on the GPU and in the
+simulator alike: the kernel the model runs is the kernel the tests run.
 
 All arithmetic is float32; ``fastmath`` is off so that exp/erfc keep their full float32 accuracy
-(the whole model is compared with the CPU path at 1e-4).
+(the whole model is compared with the CPU path at 1e-4). The simulator evaluates the kernels as
+Python code (libm exp/erfc in double precision, no fused multiply-add), so it checks the indexing
+and the algorithm, not the GPU's float32 rounding: that is benchmarks/gpu_check.py's job.
 """
 from __future__ import annotations
 
@@ -17,9 +25,9 @@ import math
 from numba import config, cuda, float32
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
-THREADS = 32 if SIMULATOR else 256
-MAX_BLOCKS = 1 if SIMULATOR else 4096
-TILE = 4 if SIMULATOR else 16          # GEMM tile edge: TILE x TILE threads per block
+THREADS = 32 if SIMULATOR else 256      # threads per block of the grid-stride kernels
+MAX_BLOCKS = 4 if SIMULATOR else 4096   # blocks at most; larger arrays wrap around the grid
+TILE = 16                               # GEMM tile edge: TILE x TILE threads per block
 
 
 def launch(n):
@@ -120,8 +128,8 @@ def gemm(a, b, c):
 @cuda.jit
 def gemm_simple(a, b, c):
     """`gemm` without shared memory: each thread computes whole dot products (grid-stride).
-    Used under the simulator, where every `syncthreads` of the tiled kernel costs milliseconds;
-    `gemm` itself is tested there on small matrices (tests/test_gpu_kernels.py)."""
+    Not used by the model: kept as the plain kernel that benchmarks/gpu_check.py times against
+    the tiled one on the GPU (the reason the model uses `gemm`), and tested like it."""
     Z, M, N = c.shape
     K = a.shape[2]
     for t in range(cuda.grid(1), Z * M * N, cuda.gridsize(1)):
@@ -135,17 +143,19 @@ def gemm_simple(a, b, c):
         c[z, row, col] = acc
 
 
-def matmul_kernel(z, m, n, tiled=not SIMULATOR):
-    """The GEMM kernel configured for a (z, m, n) output: the tiled one on a GPU."""
+def matmul_kernel(z, m, n, tiled=True):
+    """The GEMM kernel configured for a (z, m, n) output: the tiled one (what the model runs),
+    or `gemm_simple` for comparison."""
     if not tiled:
         return gemm_simple[launch(z * m * n)]
     return gemm[gemm_launch(z, m, n)]
 
 
 def gemm_launch(z, m, n):
-    """(blocks, threads) for `gemm`: one block per output tile, capped like `launch`."""
+    """(blocks, threads) for `gemm`: one block per output tile (its tile loop then runs once; a
+    smaller grid, as the tests also launch, makes the blocks stride over the tiles)."""
     tiles = z * ((m + TILE - 1) // TILE) * ((n + TILE - 1) // TILE)
-    return max(1, min(1 if SIMULATOR else 1 << 30, tiles)), (TILE, TILE)
+    return max(1, tiles), (TILE, TILE)
 
 
 # ---------------------------------------------------------------------- convolutions

@@ -18,7 +18,7 @@ import numpy as np
 from numba import cuda
 
 from .. import scans
-from ..ssm.gpu import selective_scan_cuda
+from ..ssm.gpu import device_empty, selective_scan_cuda
 from . import kernels as K
 
 
@@ -36,7 +36,7 @@ class DeviceTensor:
 
     @classmethod
     def empty(cls, shape):
-        return cls(cuda.device_array(tuple(int(s) for s in shape), dtype=np.float32))
+        return cls(device_empty(shape))             # NaN-filled under ssm.gpu.POISON_OUTPUTS
 
     def to_host(self):
         return self.data.copy_to_host()

@@ -19,6 +19,11 @@ together with NumPy's BLAS for in_proj, x_proj and out_proj:
     directional_scan          dt_proj + delta_bias + softplus + scan + D skip, gather/scatter fused
     layer_norm_gate           LayerNorm over channels * SiLU(z), in place on (B, L, d)
 
+A trace (`eamamba_ref.trace`) records the plain composition's stage names from these functions'
+boundaries, without changing what runs: the kernels' inputs and outputs, transposed or put in scan
+order, and, recomputed only while recording, the three stages the kernels never store (the conv
+before its SiLU, dt_proj, the LayerNorm before its gate).
+
 The recurrence itself is the one of `cpu.py` (SIMD over the state index, vectorisable exp from
 `fastexp`, denormal-safe), so the accuracy statement there holds here: agreement with the float32
 NumPy reference to ~1e-6 of the output scale (tests/test_fused.py checks 1e-5). Per state update,
@@ -30,10 +35,11 @@ inline in the prange body).
 import numpy as np
 from numba import njit, prange
 
-from .. import runtime
+from .. import layers, runtime
 from .cpu import BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS_PER_THREAD, recurrence
 from .fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
 from .prefetch import prefetch, prefetch_write
+from ..trace import Part, traced
 
 f32 = np.float32
 LOG2E = f32(1.4426950408889634)
@@ -102,6 +108,20 @@ def _dwconv_silu_kernel(x, w, bias, out):
         _transpose_into(out[b, i * W:(i + 1) * W], tile[:, pad:pad + W])
 
 
+def _conv_before_silu(a):
+    """Trace hook: the depthwise conv alone, `(B, d, H, W)` (the kernel adds the SiLU before
+    anything is stored, so the trace recomputes it from the kernel's inputs)."""
+    from ..layers import conv2d
+    k = a["weight"].shape[-1]
+    return {"conv": conv2d(a["x"], a["weight"], a["bias"], padding=(k - 1) // 2, groups=a["x"].shape[1])}
+
+
+def _channel_first(y):
+    """Trace view of a pixel-major `(B, L, d)` result: `(B, d, L)`."""
+    return y.transpose(0, 2, 1)
+
+
+@traced("act", before=_conv_before_silu, view=_channel_first)
 def dwconv_silu_pixel_major(x, weight, bias):
     """SiLU(depthwise conv(x)) with 'same' zero padding, transposed to pixel-major.
 
@@ -242,6 +262,33 @@ def _directional_scan_kernel(u, xdbl, table, w_dt, bias, A, Dv, per_task, y):
             _scatter(y_chunk, table[k], t0, steps, c0, y[b])
 
 
+def _scan_order(per_pixel, table):
+    """`(B, L, K, n)` values of every pixel and head -> `(B, K, n, L)`: head k's values in the order
+    its scan visits the pixels (step t: pixel table[k, t]), the layout of the plain composition."""
+    heads = np.arange(table.shape[0])[:, None]
+    return per_pixel[:, table, heads].transpose(0, 1, 3, 2)
+
+
+def _scan_inputs(a):
+    """Trace hook: the scan's inputs in scan order -- `all_around` (B, K, C', L) and `x_proj`
+    (B, K, R + 2N, L), exactly the values the kernel gathers -- and `dt_proj` (B, K, C', L), which
+    the kernel computes chunk by chunk with its bias and softplus and never keeps: recomputed."""
+    u, xdbl, table, w_dt = a["u"], a["xdbl"], a["table"], a["w_dt"]
+    B, L, d = u.shape
+    K = table.shape[0]
+    xs = _scan_order(u.reshape(B, L, K, d // K), table)
+    x_dbl = _scan_order(xdbl.transpose(0, 2, 1, 3), table)
+    return {"all_around": xs, "x_proj": x_dbl, "dt_proj": np.matmul(w_dt, x_dbl[:, :, :w_dt.shape[2]])}
+
+
+def _scan_outputs(a, y):
+    """Trace hook: the kernel's outputs in scan order, `selective_scan` (B, K*C', L)."""
+    B, L, d = y.shape
+    K = a["table"].shape[0]
+    return {"selective_scan": _scan_order(y.reshape(B, L, K, d // K), a["table"]).reshape(B, d, L)}
+
+
+@traced("restore", before=_scan_inputs, after=_scan_outputs, view=_channel_first)
 def directional_scan(u, xdbl, table, w_dt, bias, A, D):
     """K directional selective scans ('concate' heads), read and written in row-major pixel order.
 
@@ -297,15 +344,29 @@ def _layer_norm_gate_kernel(y, z, weight, bias, eps, has_z):
             _layer_norm_gate_row(y[b, l], z[b, l] if has_z else z[0, 0], weight, bias, eps, has_z)
 
 
+def _run_layer_norm_gate(y, z, weight, bias, eps):
+    zz = np.zeros((1, 1, 1), f32) if z is None else z
+    _layer_norm_gate_kernel(y, zz, np.ascontiguousarray(weight, f32), np.ascontiguousarray(bias, f32),
+                            f32(eps), z is not None)
+    return y
+
+
+def _norm_before_gate(a):
+    """Trace hook: the LayerNorm alone, `out_norm` (B, d, L), when the kernel fuses it with the gate
+    (recomputed by the same kernel without the gate, on a copy: y is overwritten by the call)."""
+    if a["z"] is None:
+        return {}
+    y = _run_layer_norm_gate(a["y"].copy(), None, a["weight"], a["bias"], a["eps"])
+    return {"out_norm": _channel_first(y)}
+
+
+@traced(lambda a: "out_norm" if a["z"] is None else "gate", before=_norm_before_gate, view=_channel_first)
 def layer_norm_gate(y, z, weight, bias, eps=1e-5):
     """`LayerNorm(y) * silu(z)` over the channels of pixel-major `y (B, L, d)`, computed in place.
 
     z: `(B, L, d)` or None (no gate); weight, bias: `(d,)`. Returns y.
     """
-    zz = np.zeros((1, 1, 1), f32) if z is None else z
-    _layer_norm_gate_kernel(y, zz, np.ascontiguousarray(weight, f32), np.ascontiguousarray(bias, f32),
-                            f32(eps), z is not None)
-    return y
+    return _run_layer_norm_gate(y, z, weight, bias, eps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +380,7 @@ def mhssm_numba(p, x, size, cfg):
     `(B, K, C', L)` copy is made. Needs the 2-D conv and heads owning separate channels ('concate'
     or one direction). x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`.
     """
-    from .. import layers, scans         # the package imports this module: import on use
+    from .. import scans                 # the package imports this module: import on use
 
     if not cfg.conv_2d or (cfg.scan_merge_method != "concate" and cfg.scan_count > 1):
         raise ValueError("the fused MHSSM needs conv_2d and heads owning separate channels "
@@ -331,9 +392,7 @@ def mhssm_numba(p, x, size, cfg):
     b_in = p.get("in_proj.bias")
 
     # 1. in_proj, first half: x channel-first for the conv (the gate z comes after the scan)
-    xs = layers.matmul(w_in[:d], x)                                         # (B, d, L)
-    if b_in is not None:
-        xs += b_in[:d, None]
+    xs = _project_x(w_in, b_in, x, d)                                     # (B, d, L)
 
     # 2. depthwise conv + SiLU, written pixel-major
     u = dwconv_silu_pixel_major(xs.reshape(B, d, *size), p["conv.weight"], p.get("conv.bias"))
@@ -349,15 +408,40 @@ def mhssm_numba(p, x, size, cfg):
 
     # 6. in_proj, second half: the gate z straight to pixel-major (x^T W_z^T), made only now so
     #    that it and xdbl (the largest array here) never coexist: peak memory at 512x512
-    z = None
-    if not cfg.disable_z_branch:
-        z = layers.matmul(x.transpose(0, 2, 1), w_in[d:].T, "rows")                 # (B, L, d)
-        if b_in is not None:
-            z += b_in[d:]
+    z = None if cfg.disable_z_branch else _project_z(w_in, b_in, x, d)   # (B, L, d)
 
     # 7. LayerNorm * SiLU(z) in place, then out_proj back to channel-first (W_out y^T)
     y = layer_norm_gate(y, z, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5)
-    out = layers.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))          # (B, C, L)
+    return _project_out(p, y)                                             # (B, C, L)
+
+
+def _in_proj_part(xs, where, a):
+    """Trace: a part `(B, d, L)` of `in_proj` (B, 2d, L), which the fused MHSSM computes in halves."""
+    return {"in_proj": Part(xs, (slice(None), where), (xs.shape[0], a["w_in"].shape[0], xs.shape[2]))}
+
+
+@traced(after=lambda a, xs: _in_proj_part(xs, slice(0, a["d"]), a))
+def _project_x(w_in, b_in, x, d):
+    """in_proj's first d outputs (the SSM input) on `x (B, C, L)`: `(B, d, L)`."""
+    xs = layers.matmul(w_in[:d], x)
+    if b_in is not None:
+        xs += b_in[:d, None]
+    return xs
+
+
+@traced(after=lambda a, z: _in_proj_part(_channel_first(z), slice(a["d"], None), a))
+def _project_z(w_in, b_in, x, d):
+    """in_proj's last d outputs (the gate z) on `x (B, C, L)`, pixel-major: `(B, L, d)`."""
+    z = layers.matmul(x.transpose(0, 2, 1), w_in[d:].T, "rows")
+    if b_in is not None:
+        z += b_in[d:]
+    return z
+
+
+@traced("out_proj")
+def _project_out(p, y):
+    """out_proj on pixel-major `y (B, L, d)` -> channel-first `(B, C, L)` (W_out y^T)."""
+    out = layers.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))
     if "out_proj.bias" in p:
         out += p["out_proj.bias"][:, None]
     return out

@@ -18,10 +18,14 @@ channels), steps 1 and 2 are skipped and step 3 is the plain one-thread-per-chan
 thread keeps its N states in a local array of MAX_STATE floats (CUDA needs a compile-time size;
 N <= MAX_STATE is checked before launch).
 
-``fastmath=True`` makes CUDA use its fast exp and flush denormals to zero, so decayed states cost
-nothing on the GPU. This module imports numba.cuda; the package imports it only on demand, so
-everything else works without numba-cuda. Under NUMBA_ENABLE_CUDASIM=1 the kernels run in numba's
-CUDA simulator (on the CPU, slowly): the tests force several chunks on short sequences there.
+``fastmath=True`` (on the kernels and on `_walk`) makes CUDA use its fast exp (``__expf``, a few
+ulp off), flush denormals to zero (so decayed states cost nothing) and fuse multiply-adds. numba's
+CUDA simulator (NUMBA_ENABLE_CUDASIM=1, on the CPU, slowly) runs the kernels as Python and
+emulates none of that: it checks the indexing, the chunking and the carries (the tests launch
+several blocks at the real THREADS_PER_BLOCK and force several chunks on short sequences), while
+the agreement of the fast-math arithmetic with the NumPy scan is measured on a real GPU by
+benchmarks/gpu_check.py. This module imports numba.cuda; the package imports it only on demand,
+so everything else works without numba-cuda.
 """
 
 import math
@@ -34,8 +38,21 @@ THREADS_PER_BLOCK = 128
 TARGET_THREADS = 16384  # chunks are cut so that a scan has about this many threads ...
 MIN_CHUNK = 32  # ... but no chunk is shorter than this (the carries' walk is sequential)
 
+# Set by the tests and benchmarks/gpu_check.py: every output array of the GPU path then starts as
+# NaN instead of whatever the allocator hands out (which can be a stale copy of the right answer),
+# so that an element a kernel fails to write cannot go unnoticed.
+POISON_OUTPUTS = False
 
-@cuda.jit(device=True)
+
+def device_empty(shape):
+    """A float32 device array for a kernel to fill: uninitialised, or all NaN if POISON_OUTPUTS."""
+    shape = tuple(int(s) for s in shape)
+    if POISON_OUTPUTS:
+        return cuda.to_device(np.full(shape, np.nan, dtype=np.float32))
+    return cuda.device_array(shape, dtype=np.float32)
+
+
+@cuda.jit(device=True, fastmath=True)
 def _walk(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, b, d, t0, t1, h, y, write_y):
     """Steps t0..t1-1 of channel d of batch item b from the state h (updated in place); writes y
     when write_y. Returns the sum of delta over the steps."""
@@ -157,8 +174,8 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     args = [_on_device(x) for x in args] + [bool(delta_softplus), z is not None]
     chunk = chunk_length(batch, n_channels, length)
     n_chunks = -(-length // chunk)
-    y = cuda.device_array((batch, n_channels, length), dtype=np.float32)
-    last_state = cuda.device_array((batch, n_channels, n_state), dtype=np.float32)
+    y = device_empty((batch, n_channels, length))
+    last_state = device_empty((batch, n_channels, n_state))
 
     def grid(threads):
         return (threads + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK, THREADS_PER_BLOCK
@@ -169,9 +186,9 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         unused3 = cuda.device_array((1, 1, 1), dtype=np.float32)      # dt_sum
         chunk_scan[threads](*args, chunk, True, unused4, unused4, unused3, True, y, last_state)
     else:
-        h_end = cuda.device_array((batch, n_channels, n_chunks, n_state), dtype=np.float32)
-        h_start = cuda.device_array((batch, n_channels, n_chunks, n_state), dtype=np.float32)
-        dt_sum = cuda.device_array((batch, n_channels, n_chunks), dtype=np.float32)
+        h_end = device_empty((batch, n_channels, n_chunks, n_state))
+        h_start = device_empty((batch, n_channels, n_chunks, n_state))
+        dt_sum = device_empty((batch, n_channels, n_chunks))
         chunk_scan[threads](*args, chunk, True, h_start, h_end, dt_sum, False, y, last_state)
         chunk_carries[grid(batch * n_channels * n_state)](args[2], h_end, dt_sum, h_start)
         chunk_scan[threads](*args, chunk, False, h_start, h_end, dt_sum, True, y, last_state)

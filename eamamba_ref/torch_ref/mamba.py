@@ -32,6 +32,12 @@ from .selective_scan import selective_scan
 __all__ = ["ExtendedMamba"]
 
 
+class _Stage(nn.Identity):
+    """A named point of the forward pass: returns its input, holds no parameter (the state dict is
+    the official one). Forward hooks on it -- the oracle's -- see the MHSSM's inner stages, which
+    are not modules in the official code, under the names eamamba_ref's trace gives them."""
+
+
 class ExtendedMamba(nn.Module):
     """MHSSM with the official parameter names, shapes and initialisation.
 
@@ -107,6 +113,15 @@ class ExtendedMamba(nn.Module):
         self.A_logs._no_weight_decay = True
         self.Ds._no_weight_decay = True
 
+        # Trace points (identities), in forward order; layouts as in eamamba_ref's trace.
+        self.act = _Stage()               # (B, d, L)       conv + SiLU
+        self.all_around = _Stage()        # (B, K, d', L)   directional sequences
+        self.x_proj = _Stage()            # (B, K, R+2N, L)
+        self.dt_proj = _Stage()           # (B, K, d', L)   before the bias and softplus
+        self.selective_scan = _Stage()    # (B, K d', L)
+        self.restore = _Stage()           # (B, d, L)       back to row-major, heads merged
+        self.gate = _Stage()              # (B, L, d)       out_norm * silu(z)
+
     @staticmethod
     def _dt_init(dt_rank, d_head, dt_scale, dt_init, dt_min, dt_max, dt_init_floor):
         """One head's delta projection: weight ``(d', R)``, bias ``(d',)``.
@@ -149,12 +164,12 @@ class ExtendedMamba(nn.Module):
             x = self.conv(x.reshape(Bsz, d, H, W)).reshape(Bsz, d, L)
         else:
             x = self.conv(x)[..., :L]                             # causal along the raster order
-        x = F.silu(x)
+        x = self.act(F.silu(x))
 
-        xs = self.scan_transform.apply(x, (H, W))                 # (B, K, d', L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)   # (B, K, R+2N, L)
+        xs = self.all_around(self.scan_transform.apply(x, (H, W)))        # (B, K, d', L)
+        x_dbl = self.x_proj(torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight))   # (B, K, R+2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, K, d', L)
+        dts = self.dt_proj(torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight))  # (B, K, d', L)
 
         # The official code runs the scan in float32 (``.float()``); a float64 model stays float64
         # here so that it can serve as a float64 golden.
@@ -169,10 +184,11 @@ class ExtendedMamba(nn.Module):
             z=None,                                               # the gate comes after out_norm
             delta_bias=self.dt_projs_bias.to(f).reshape(-1),
             delta_softplus=True,
-        ).reshape(Bsz, K, dh, L)
+        )
+        y = self.selective_scan(y).reshape(Bsz, K, dh, L)
 
-        y = self.scan_transform.restore(y, (H, W)).transpose(1, 2)       # (B, L, d)
+        y = self.restore(self.scan_transform.restore(y, (H, W))).transpose(1, 2)   # (B, L, d)
         y = self.out_norm(y)
         if z is not None:
-            y = y * F.silu(z.transpose(1, 2))
+            y = self.gate(y * F.silu(z.transpose(1, 2)))
         return self.out_proj(y)                                   # (B, L, d_model)
