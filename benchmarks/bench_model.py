@@ -1,42 +1,75 @@
 """Benchmark of the whole EAMamba denoising model: eamamba_ref vs the PyTorch reference, side by side.
 
-Run:  python benchmarks/bench_model.py                      (64, 128, 256, 512; a few minutes)
+Run:  python benchmarks/bench_model.py                      (64, 128, 256, 512; a long while)
       python benchmarks/bench_model.py --sizes 64 128 --repeats 1 --no-profile   (quick)
       python benchmarks/bench_model.py --checkpoint model.npz
 
-For every size, each implementation runs in a child process of its own (so that its peak resident
-memory is its own): one warm-up forward, then `--repeats` timed ones, *interleaved* between the
-implementations (ours, torch, ours, torch, ...: the children wait for their turn), so that a
-machine whose speed drifts over minutes (shared hosts do) slows both alike. Printed are the
-median wall time, the peak RSS of the child during the timed forwards (sampled every 5 ms) and its
-growth over the RSS before them (model built, warm-up done), and the time ratio torch /
-eamamba_ref. Both use the same weights (random, `model.init_params` with a fixed seed, or the
-checkpoint) and the same number of threads; torch runs the reference's vectorised chunked scan
-with denormals flushed.
+Rows, for every size (each in a child process of its own, so that its peak resident memory is its own):
+
+  eamamba_ref                     the package imported first in its process
+  eamamba_ref, NumPy first        NumPy imported (and a BLAS product run) before the package
+  eamamba_ref, torch first        torch imported and used before the package (torch loads GNU
+                                  OpenMP and its idle-thread policy before Numba starts)
+  torch (<scan>)                  the PyTorch reference of the official architecture
+                                  (eamamba_ref.torch_ref) with the fastest pure-PyTorch CPU scan
+                                  found here: each candidate (the reference's chunked scan and an
+                                  in-place chunked scan written for inference, several chunk
+                                  lengths) is timed once on the first U-Net level's scan at this
+                                  size, and the fastest runs the model (--torch-scan pins one)
+  torch + Numba scan              the same model with the Numba scan of eamamba_ref.torch_ext
+
+Every child runs one warm-up forward, then `--repeats` timed ones, *interleaved* between the rows
+(the children wait for their turn), so that a machine whose speed drifts over minutes slows all
+alike. Printed are the median wall time, the peak RSS of the child during the timed forwards
+(sampled every 5 ms) and its growth over the RSS before them, the time relative to eamamba_ref
+imported first, and the largest difference of the output from it. All rows use the same weights
+(random, `model.init_params` with a fixed seed, or the checkpoint), the same thread count for
+every library (OPENBLAS/OMP/MKL/NUMBA_NUM_THREADS and torch.set_num_threads), and the torch rows
+flush denormals to zero on all of torch's threads (`flush_denormals_everywhere`: the flag is per
+thread, and torch.set_flush_denormal sets it for the calling thread only).
 
 Also printed: this machine's FLOP floor for the model (a large float32 GEMM and the model's typical
 1x1-conv GEMM through NumPy's BLAS, and NumPy's float32 exp, measured here and now) with the
 fraction of it reached, and a per-stage profile of one eamamba_ref forward.
 
 The machine may be shared: the load average is printed before and after; compare only ratios
-measured in the same run.
+measured in the same run, on a quiet machine.
 """
-import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# The child's host setting comes first, before this file imports NumPy (see the docstring).
+_CHILD = sys.argv[sys.argv.index("--child") + 1] if "--child" in sys.argv[:-1] else None
+if _CHILD == "eamamba_ref":
+    import eamamba_ref  # noqa: F401
+elif _CHILD in ("eamamba_ref_torch_first", "torch", "torch_numba", "torch_scan_select"):
+    import torch
+    (torch.ones(256, 256) @ torch.ones(256, 256)).sum().item()     # torch's threads started
 
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+if _CHILD == "eamamba_ref_numpy_first":
+    (np.ones((256, 256), np.float32) @ np.ones((256, 256), np.float32)).sum()   # BLAS threads started
+
+IMPLS = {   # child name -> row label
+    "eamamba_ref": "eamamba_ref",
+    "eamamba_ref_numpy_first": "eamamba_ref, NumPy first",
+    "eamamba_ref_torch_first": "eamamba_ref, torch first",
+    "torch": "torch",
+    "torch_numba": "torch + Numba scan",
+    "unfused": "eamamba_ref unfused",
+}
 def load_average():
     try:
         return "load average %.2f %.2f %.2f" % os.getloadavg()
@@ -72,18 +105,167 @@ def make_input(cfg, size, seed=1):
     return np.random.default_rng(seed).random((1, cfg.inp_channels, size, size), dtype=np.float32)
 
 
-def child(impl, size, repeats, threads, checkpoint, seed):
-    """Runs in a child process: time `repeats` forwards of one implementation; prints JSON."""
-    if impl == "torch":
-        import torch  # noqa: F401  (before eamamba_ref: torch's OpenMP reads the environment as it loads)
+# ------------------------------------------------------------------------------------------------
+# The PyTorch reference: its fastest pure-PyTorch scan, denormals flushed on every thread
+
+def flush_denormals_everywhere(threads):
+    """Set flush-to-zero / denormals-are-zero on the calling thread and on each of torch's OpenMP
+    threads; returns whether a multi-threaded product of denormals now gives zeros everywhere.
+
+    `torch.set_flush_denormal` sets the flag of the calling thread only (measured: a 2-thread
+    multiply of 4M denormals kept half of them). torch's CPU wheel runs its intra-op work on GNU
+    OpenMP's thread pool, so a parallel region of that runtime (GOMP_parallel, through ctypes)
+    runs the setter once on each of its threads.
+    """
+    import ctypes
+    import torch
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "libgomp" in line.split()[-1]})
+    except OSError:
+        libs = []
+    if libs and threads > 1:
+        gomp = ctypes.CDLL(next((p for p in libs if "torch" in p), libs[0]))
+        body = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(True))
+        gomp.GOMP_parallel.argtypes = [type(body), ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        gomp.GOMP_parallel(body, None, threads, 0)
+    probe = torch.full((1 << 20,), 1e-39) * 1.0
+    return bool((probe == 0).all())
+
+
+def scan_inplace_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         chunk_size=64):
+    """The selective scan of `torch_ref.selective_scan` (same arguments, B and C `(b, g, n, l)`,
+    float32, no autograd): the chunked algorithm of the reference written with in-place updates of
+    two `(T, nc, b, d, n)` buffers (T steps per chunk, nc chunks), for inference.
+
+    1. every chunk from a zero state at once, in place: drive[t] = decay[t] drive[t-1] + drive[t]
+       (local states) and decay[t] *= decay[t-1] (decay since the chunk began), T - 1 steps;
+    2. the true state entering each chunk, `carry`, nc - 1 steps over (b, d, n);
+    3. all states at once: h = drive + decay * carry; y = C . h as one batched product.
+    """
+    import torch
+    import torch.nn.functional as F
+    with torch.no_grad():
+        b, d, l = u.shape
+        n = A.shape[1]
+        g = B.shape[1]
+        if delta_bias is not None:
+            delta = delta + delta_bias[:, None]
+        if delta_softplus:
+            delta = F.softplus(delta)
+        T = max(1, min(l, int(chunk_size)))
+        nc = -(-l // T)
+        pad = nc * T - l
+
+        def fold(x):                       # (..., l) time last -> (T, nc, ...) with [t, c] = step c T + t
+            x = x.movedim(-1, 0)
+            if pad:
+                x = torch.cat([x, x.new_zeros((pad,) + x.shape[1:])])
+            return x.reshape(nc, T, *x.shape[1:]).transpose(0, 1).contiguous()
+
+        dt, ut = fold(delta), fold(u)                      # (T, nc, b, d); padded steps: delta 0
+        Bt, Ct = fold(B), fold(C)                          # (T, nc, b, g, n)
+        decay = torch.exp(dt[..., None] * A)               # (T, nc, b, d, n)
+        drive = ((dt * ut).view(T, nc, b, g, d // g, 1) * Bt.view(T, nc, b, g, 1, n)).view(T, nc, b, d, n)
+        for t in range(1, T):
+            drive[t].addcmul_(decay[t], drive[t - 1])
+            decay[t].mul_(decay[t - 1])
+        carry = torch.zeros((nc, b, d, n), dtype=u.dtype)
+        for c in range(1, nc):
+            torch.addcmul(drive[T - 1, c - 1], decay[T - 1, c - 1], carry[c - 1], out=carry[c])
+        drive.addcmul_(decay, carry)                       # every true state h_t
+        y = torch.matmul(drive.view(T, nc, b, g, d // g, n), Ct.view(T, nc, b, g, n, 1))
+        y = y.view(T, nc, b, d).transpose(0, 1).reshape(nc * T, b, d)[:l].permute(1, 2, 0)
+        if D is not None:
+            y = y + u * D[:, None]
+        if z is not None:
+            y = y * F.silu(z)
+        return y.contiguous()
+
+
+def torch_scan_candidates():
+    """name -> scan function (the signature of torch_ref.selective_scan)."""
+    import functools
+    from eamamba_ref import torch_ref
+    cands = {f"chunked T={T}": functools.partial(torch_ref.selective_scan, mode="chunked", chunk_size=T)
+             for T in (32, 64, 128)}
+    cands.update({f"in-place chunked T={T}": functools.partial(scan_inplace_chunked, chunk_size=T)
+                  for T in (32, 64, 128, 256)})
+    return cands
+
+
+def check_scan(fn):
+    """fn against the reference's sequential scan on a small problem (relative error < 1e-5)."""
+    import torch
+    from eamamba_ref import torch_ref
+    g = torch.Generator().manual_seed(0)
+    b, d, n, l, k = 1, 8, 16, 300, 4
+    args = (torch.randn(b, d, l, generator=g), torch.randn(b, d, l, generator=g) - 1,
+            -torch.rand(d, n, generator=g) * 3, torch.randn(b, k, n, l, generator=g),
+            torch.randn(b, k, n, l, generator=g), torch.randn(d, generator=g))
+    kw = dict(delta_bias=torch.randn(d, generator=g), delta_softplus=True)
+    want = torch_ref.selective_scan(*args, mode="sequential", **kw)
+    err = float((fn(*args, **kw) - want).abs().max() / want.abs().max())
+    if not err < 1e-5:
+        raise AssertionError(f"scan variant differs from the sequential reference: {err:.1e}")
+
+
+def pick_torch_scan(cfg, size, pinned=None):
+    """(name, function, {name: seconds}) of the fastest candidate scan, each timed once (after a
+    warm-up) on the first U-Net level's scan at this size; `pinned` names one without timing."""
+    import torch
+    cands = torch_scan_candidates()
+    if pinned:
+        if pinned not in cands:
+            raise SystemExit(f"--torch-scan must be one of {sorted(cands)}, got {pinned!r}")
+        check_scan(cands[pinned])
+        return pinned, cands[pinned], {}
+    m = cfg.mamba
+    d = m.d_inner(cfg.dim)
+    K, _ = m.heads(cfg.dim)
+    L, N = size * size, m.d_state
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, d, L, generator=g), torch.randn(1, d, L, generator=g) - 3,
+            -torch.arange(1, N + 1, dtype=torch.float32).repeat(d, 1), torch.randn(1, K, N, L, generator=g),
+            torch.randn(1, K, N, L, generator=g), torch.ones(d))
+    kw = dict(delta_bias=torch.zeros(d), delta_softplus=True)
+    times = {}
+    for name, fn in cands.items():
+        check_scan(fn)
+        fn(*args, **kw)
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn(*args, **kw)
+        times[name] = time.perf_counter() - start
+    best = min(times, key=times.get)
+    return best, cands[best], times
+
+
+# ------------------------------------------------------------------------------------------------
+# The children
+
+def child(impl, size, repeats, threads, checkpoint, seed, torch_scan=None):
+    """Runs in a child process: time `repeats` forwards of one implementation; prints JSON.
+    The host setting (what was imported first) was made at the top of this file."""
     cfg, params = build(checkpoint, seed)
     x = make_input(cfg, size)
-    if impl == "torch":
+    info = {}
+    if impl in ("torch", "torch_numba"):
         import torch
         from eamamba_ref import torch_ref
-        torch.set_num_threads(threads)
-        torch_ref.flush_denormals()
-        torch_ref.set_scan_mode("chunked")
+        from eamamba_ref.torch_ref import mamba as torch_mamba
+        info["denormals_flushed_on_all_threads"] = flush_denormals_everywhere(threads)
+        if impl == "torch":
+            name, scan, times = pick_torch_scan(cfg, size, torch_scan)
+            torch_mamba.selective_scan = scan             # the name the reference's MHSSM calls
+            info.update(scan=name, scan_seconds=times)
+        else:
+            from eamamba_ref import runtime
+            info["numba_layer"] = runtime.start_numba_threads()   # the layer eamamba_ref would use
+            torch_ref.set_scan_mode("numba")
         model = torch_ref.build_from_args(cfg.name, cfg.to_args()).eval()
         model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()}, strict=True)
         del params
@@ -103,6 +285,9 @@ def child(impl, size, repeats, threads, checkpoint, seed):
             return model(x)
     out = forward()                                     # warm-up (and numba compilation)
     del out
+    if impl.startswith("eamamba_ref"):
+        import numba
+        info["numba_layer"] = numba.threading_layer()
     base = rss_mib()
     sampler = RssSampler()                              # peak RSS during the timed forwards only
     times = []
@@ -117,7 +302,7 @@ def child(impl, size, repeats, threads, checkpoint, seed):
             print(f"{times[-1]:.6f}", flush=True)
     np.save(os.environ["BENCH_OUT"], out)
     print(json.dumps({"median": float(np.median(times)), "min": float(np.min(times)),
-                      "peak_mib": sampler.peak, "growth_mib": sampler.peak - base}), flush=True)
+                      "peak_mib": sampler.peak, "growth_mib": sampler.peak - base, **info}), flush=True)
 
 
 class RssSampler:
@@ -148,24 +333,19 @@ class RssSampler:
         self.peak = max(self.peak, rss_mib())
 
 
-def child_env(args, out_path, impl=None):
-    """The children's environment: the thread counts, and the thread settings of `import eamamba_ref`
-    (its __init__: idle OpenBLAS and OpenMP threads sleep), which this process's import has put into
-    os.environ, for eamamba_ref's children only (they import NumPy first, so they would not set
-    OpenBLAS's themselves); the PyTorch reference runs with torch's own defaults, as its users run it."""
-    import eamamba_ref
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
-               OPENBLAS_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               BENCH_OUT=out_path, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if impl == "torch":
-        for name in eamamba_ref.THREAD_ENV_SET:       # set by our import, not by the user
-            env.pop(name)
+def child_env(args, out_path):
+    """The children's environment: one thread count for every library, nothing else changed."""
+    n = str(args.threads)
+    env = dict(os.environ, NUMBA_NUM_THREADS=n, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
+               MKL_NUM_THREADS=n, BENCH_OUT=out_path,
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return env
 
 
 def child_cmd(impl, size, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--sizes", str(size),
            "--repeats", str(args.repeats), "--threads", str(args.threads), "--seed", str(args.seed)]
+    cmd += ["--torch-scan", args.torch_scan] if args.torch_scan else []
     return cmd + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
 
 
@@ -190,7 +370,7 @@ def run_interleaved(impls, size, args, tmp):
     workers = {}
     for impl in impls:
         err = open(os.path.join(tmp, f"{impl}{size}.err"), "w+")
-        proc = subprocess.Popen(child_cmd(impl, size, args), env=child_env(args, os.path.join(tmp, f"{impl}{size}.npy"), impl),
+        proc = subprocess.Popen(child_cmd(impl, size, args), env=child_env(args, os.path.join(tmp, f"{impl}{size}.npy")),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
         workers[impl] = (proc, err)
     watchdog = threading.Timer(args.timeout, lambda: [p.kill() for p, _ in workers.values()])
@@ -364,7 +544,10 @@ def main(argv=None):
     parser.add_argument("--unfused", action="store_true",
                         help="also time eamamba_ref without the fused MHSSM kernels (plain composition "
                              "+ numba scan), to show what the fusion gains")
-    parser.add_argument("--child", choices=("eamamba_ref", "unfused", "torch", "profile", "rates"), help=argparse.SUPPRESS)
+    parser.add_argument("--torch-scan", default=None,
+                        help="run the PyTorch reference with this scan instead of timing the candidates "
+                             "(e.g. 'in-place chunked T=64', 'chunked T=64')")
+    parser.add_argument("--child", choices=tuple(IMPLS) + ("profile", "rates"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child == "rates":
@@ -376,72 +559,62 @@ def main(argv=None):
         print(json.dumps({"total": total, "stages": stages}))
         return 0
     if args.child:
-        child(args.child, args.sizes[0], args.repeats, args.threads, args.checkpoint, args.seed)
+        child(args.child, args.sizes[0], args.repeats, args.threads, args.checkpoint, args.seed, args.torch_scan)
         return 0
 
     from eamamba_ref import profile as prof_mod
     from eamamba_ref.ssm import get_default_backend
     cfg, params = build(args.checkpoint, args.seed)
-    try:
-        import torch  # noqa: F401
-        have_torch = not args.no_torch
-    except ImportError:
-        have_torch = False
+    import importlib.util
+    torch_installed = importlib.util.find_spec("torch") is not None     # (not imported here)
+    have_torch = torch_installed and not args.no_torch
 
     print(f"EAMamba {prof_mod.describe(cfg)}; {sum(v.size for v in params.values()):,} parameters")
-    print(f"eamamba_ref backend '{get_default_backend()}', {args.threads} threads; "
-          f"{'PyTorch reference (chunked scan)' if have_torch else 'no torch'}; median of {args.repeats} "
-          f"after a warm-up, the implementations' forwards taking turns")
-    import eamamba_ref
-    ours_env, torch_env = child_env(args, ""), child_env(args, "", "torch")
-    print("eamamba_ref's children: " + " ".join(f"{k}={ours_env.get(k, '(unset)')}" for k in eamamba_ref.THREAD_ENV)
-          + "; torch's: " + " ".join(f"{k}={torch_env.get(k, '(unset)')}" for k in eamamba_ref.THREAD_ENV))
+    print(f"eamamba_ref backend '{get_default_backend()}', {args.threads} threads for every library; "
+          f"median of {args.repeats} after a warm-up, the rows' forwards taking turns")
     print(load_average())
     rates = run_child("rates", 0, args, os.devnull)          # in a child: with the benchmark's threads
     big, conv_rate, exp_ns = rates["gemm"], rates["conv"], rates["exp_ns"]
     print(f"machine: float32 GEMM 2048^3 {big:.0f} GFLOP/s, 1x1-conv GEMM (256x128 @ 128x16384) "
           f"{conv_rate:.0f} GFLOP/s, NumPy exp {exp_ns:.2f} ns/element on {args.threads} cores")
     print()
-    header = (f"{'size':>9s} {'GFLOP':>7s} {'floor s':>8s} | {'eamamba_ref s':>13s} {'floor %':>7s} "
-              f"{'peak MiB':>8s} {'+MiB':>6s} | {'torch s':>8s} {'peak MiB':>8s} {'+MiB':>6s} | "
-              f"{'torch/ours':>10s} {'max |diff|':>10s}")
+    header = (f"{'size':>9s} {'GFLOP':>7s} {'floor s':>8s} | {'implementation':32s} {'median s':>9s} "
+              f"{'floor %':>7s} {'peak MiB':>8s} {'+MiB':>6s} {'/ ours':>7s} {'max |diff|':>10s}")
     print(header)
+    notes = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             prof = prof_mod.profile(cfg, size, size)
             floor, _, _ = floor_seconds(prof, conv_rate, exp_ns)
-            impls = ["eamamba_ref"]
-            run_torch = have_torch and size <= args.torch_max_size
-            impls += ["torch"] if run_torch else []
+            impls = ["eamamba_ref", "eamamba_ref_numpy_first"]
+            impls += ["eamamba_ref_torch_first"] if torch_installed else []
+            impls += ["torch", "torch_numba"] if have_torch and size <= args.torch_max_size else []
             impls += ["unfused"] if args.unfused else []
             res = run_interleaved(impls, size, args, tmp)
             ours = res["eamamba_ref"]
-            row = f"{size:>4d}x{size:<4d} {prof.flops / 1e9:7.1f} {floor:8.2f} | "
-            if "error" in ours:
-                row += f"{'failed: ' + ours['error']:>37s} | "
-            else:
-                row += (f"{ours['median']:13.2f} {100 * floor / ours['median']:6.0f}% "
-                        f"{ours['peak_mib']:8.0f} {ours['growth_mib']:6.0f} | ")
-            if run_torch:
-                ref = res["torch"]
-                if "error" in ref:
-                    row += f"{'failed: ' + ref['error']:>26s} |"
-                else:
-                    row += f"{ref['median']:8.2f} {ref['peak_mib']:8.0f} {ref['growth_mib']:6.0f} | "
-                    if "error" not in ours:
-                        diff = np.max(np.abs(np.load(os.path.join(tmp, f"eamamba_ref{size}.npy"))
-                                             - np.load(os.path.join(tmp, f"torch{size}.npy"))))
-                        row += f"{ref['median'] / ours['median']:9.2f}x {diff:10.1e}"
-            else:
-                row += f"{'-':>8s} {'-':>8s} {'-':>6s} |"
-            if args.unfused:
-                plain = res["unfused"]
-                if "error" in plain:
-                    row += f" unfused failed: {plain['error']}"
-                elif "error" not in ours:
-                    row += (f" | unfused {plain['median']:.2f} s, {plain['peak_mib']:.0f} MiB "
-                            f"({plain['median'] / ours['median']:.2f}x)")
-            print(row, flush=True)
+            reference = None if "error" in ours else np.load(os.path.join(tmp, f"eamamba_ref{size}.npy"))
+            for impl in impls:
+                r = res[impl]
+                label = IMPLS[impl] + (f" ({r['scan']})" if impl == "torch" and "scan" in r else "")
+                row = f"{size:>4d}x{size:<4d} {prof.flops / 1e9:7.1f} {floor:8.2f} | {label:32s} "
+                if "error" in r:
+                    print(row + f"failed: {r['error']}", flush=True)
+                    continue
+                row += (f"{r['median']:9.2f} {100 * floor / r['median']:6.0f}% {r['peak_mib']:8.0f} "
+                        f"{r['growth_mib']:6.0f} ")
+                if reference is not None:
+                    diff = np.max(np.abs(np.load(os.path.join(tmp, f"{impl}{size}.npy")) - reference))
+                    row += f"{r['median'] / ours['median']:6.2f}x {diff:10.1e}"
+                print(row, flush=True)
+                if r.get("scan_seconds"):
+                    notes.append(f"{size}x{size} torch scan candidates (s, first-level scan): " + ", ".join(
+                        f"{k} {v:.3f}" for k, v in sorted(r["scan_seconds"].items(), key=lambda kv: kv[1])))
+                if impl.startswith("torch") and not r.get("denormals_flushed_on_all_threads", True):
+                    notes.append(f"{size}x{size} {IMPLS[impl]}: denormals NOT flushed on all threads")
+                if "numba_layer" in r:
+                    notes.append(f"{size}x{size} {IMPLS[impl]}: Numba threading layer {r['numba_layer']}")
+    for note in notes:
+        print("  " + note)
     print(load_average())
 
     if not args.no_profile:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erfc, expit
 
+from . import runtime
+
 __all__ = [
     "conv2d",
+    "matmul",
     "linear",
     "pixel_shuffle",
     "pixel_unshuffle",
@@ -35,8 +38,10 @@ __all__ = [
 # streams everything through main memory once per kernel tap; working on blocks that fit in
 # L2 keeps the data hot. Tuned on the 2-core development machine; the optima are broad, so round
 # numbers.
-_IM2COL_BLOCK = 1 << 22  # elements of one im2col block (16 MiB); at least _IM2COL_MIN_COLS columns
-_IM2COL_MIN_COLS = 2048
+# GEMMs (and im2col blocks) are cut into blocks of this many output pixels, run in parallel by
+# `runtime`'s pool with BLAS on one thread. The cut depends on the shapes only, never on the
+# thread count, so the result is the same bits for any number of threads (runtime.py).
+GEMM_BLOCK_PIXELS = 1024
 _DEPTHWISE_BLOCK = 1 << 16  # elements of one (B, channels, H_out, W_out) block of a depthwise conv
 
 
@@ -121,8 +126,8 @@ def conv2d(x, weight, bias=None, padding=0, groups: int = 1) -> np.ndarray:
 
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
     if kh == kw == 1 and groups == 1:
-        # (C_out, C_in) @ (B, C_in, H*W): BLAS with the batch broadcast.
-        out = np.matmul(weight.reshape(c_out, c_in), xp.reshape(B, c_in, h_out * w_out))
+        # (C_out, C_in) @ (B, C_in, H*W): BLAS with the batch broadcast, in blocks of pixels.
+        out = matmul(weight.reshape(c_out, c_in), xp.reshape(B, c_in, h_out * w_out))
         out = out.reshape(B, c_out, h_out, w_out)
     elif groups == c_in == c_out:
         out = _depthwise(xp, weight[:, 0], h_out, w_out)
@@ -162,9 +167,9 @@ def _im2col_conv(xp: np.ndarray, weight: np.ndarray, groups: int, h_out: int, w_
     """General (grouped) conv of the padded ``xp (B, C_in, Hp, Wp)`` as im2col + matmul.
 
     The patch matrix ``(groups, C_in/groups * kh * kw, pixels)`` is copied out of a strided
-    sliding-window view a block of output rows at a time: a block of a few thousand columns keeps
-    the copy in cache and lets BLAS run faster than on one huge matrix (measured 1.2-1.6x at
-    (1, 64, 256, 256) 3x3 64->64, 1 or 2 threads), and caps the extra memory.
+    sliding-window view a block of output rows at a time (about GEMM_BLOCK_PIXELS columns): a block
+    keeps the copy in cache, caps the extra memory, and is one task of `runtime`'s pool (the
+    blocks depend on the shapes only, so any number of threads gives the same bits).
     """
     B, c_in = xp.shape[:2]
     c_out, cg, kh, kw = weight.shape
@@ -174,17 +179,51 @@ def _im2col_conv(xp: np.ndarray, weight: np.ndarray, groups: int, h_out: int, w_
     win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
     win = win.reshape(B, groups, cg, h_out, w_out, kh, kw).transpose(0, 1, 2, 5, 6, 3, 4)
 
-    rows = max(1, min(h_out, max(_IM2COL_MIN_COLS, _IM2COL_BLOCK // k) // w_out))
-    buf = np.empty(groups * k * rows * w_out, np.float32)
+    rows = max(1, min(h_out, GEMM_BLOCK_PIXELS // w_out))
+    per_image = -(-h_out // rows)
     out = np.empty((B, groups, c_out // groups, h_out * w_out), np.float32)
-    for b in range(B):
-        for r0 in range(0, h_out, rows):
-            n = min(rows, h_out - r0)
-            # a contiguous prefix of the buffer, so both shapes below are views of the same memory
-            block = buf[: groups * k * n * w_out]
-            np.copyto(block.reshape(groups, cg, kh, kw, n, w_out), win[b, ..., r0 : r0 + n, :])
-            np.matmul(w_mat, block.reshape(groups, k, n * w_out), out=out[b, :, :, r0 * w_out : (r0 + n) * w_out])
+
+    def block(task):
+        b, r0 = divmod(task, per_image)
+        r0 *= rows
+        n = min(rows, h_out - r0)
+        patches = np.empty((groups, cg, kh, kw, n, w_out), np.float32)
+        np.copyto(patches, win[b, ..., r0 : r0 + n, :])
+        np.matmul(w_mat, patches.reshape(groups, k, n * w_out), out=out[b, :, :, r0 * w_out : (r0 + n) * w_out])
+
+    runtime.parallel_for(block, B * per_image)
     return out.reshape(B, c_out, h_out, w_out)
+
+
+def matmul(a, b, pixels: str = "columns") -> np.ndarray:
+    """``np.matmul(a, b)`` (float32, batch axes broadcast) computed in blocks of GEMM_BLOCK_PIXELS
+    output pixels on `runtime`'s pool, each block a one-thread BLAS call.
+
+    pixels: 'columns' when the pixels are the last axis of b and of the result (``W @ X``, X
+    ``(..., K, P)`` -> ``(..., M, P)``); 'rows' when they are the second-last axis of a and of the
+    result (``X @ W``, X ``(..., P, K)`` -> ``(..., P, N)``). Any strides: every block is a view.
+    The blocks depend on the shapes only, so the bits do not depend on the thread count.
+    """
+    if pixels not in ("columns", "rows"):
+        raise ValueError(f"pixels must be 'columns' or 'rows', got {pixels!r}")
+    a = _f32(a, "a")
+    b = _f32(b, "b")
+    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul needs (..., M, K) @ (..., K, N), got {a.shape} @ {b.shape}")
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = np.empty(batch + (a.shape[-2], b.shape[-1]), np.float32)
+    columns = pixels == "columns"
+    n = out.shape[-1] if columns else out.shape[-2]
+
+    def block(i):
+        s = slice(i * GEMM_BLOCK_PIXELS, min(n, (i + 1) * GEMM_BLOCK_PIXELS))
+        if columns:
+            np.matmul(a, b[..., s], out=out[..., s])
+        else:
+            np.matmul(a[..., s, :], b, out=out[..., s, :])
+
+    runtime.parallel_for(block, -(-n // GEMM_BLOCK_PIXELS))
+    return out
 
 
 def linear(x, weight, bias=None) -> np.ndarray:

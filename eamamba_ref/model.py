@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops, ssm
+from . import ops, runtime, ssm
 from .allocator import reuse_freed_memory
 from .config import ModelConfig
 from .mhssm import mhssm, mhssm_parameter_shapes
@@ -313,27 +313,6 @@ def init_params(cfg: ModelConfig, seed=0):
     return params
 
 
-def _warn_if_openblas_spins():
-    """Once per process: say so when OpenBLAS's idle threads keep spinning (see __init__.py)."""
-    global _openblas_warned
-    import eamamba_ref
-    if eamamba_ref.OPENBLAS_TIMEOUT_APPLIED or _openblas_warned:
-        return
-    _openblas_warned = True
-    try:
-        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]["name"]
-    except (AttributeError, KeyError, TypeError):
-        return
-    if "openblas" in str(blas).lower():
-        import warnings
-        warnings.warn("NumPy was imported before eamamba_ref, so OpenBLAS's idle threads spin between "
-                      "GEMMs and slow the Numba kernels down (2-8x on few cores): import eamamba_ref "
-                      "first, or set OPENBLAS_THREAD_TIMEOUT=4 in the environment", RuntimeWarning, stacklevel=3)
-
-
-_openblas_warned = False
-
-
 class EAMamba:
     """A ready model: config + parameters; `model(x)` runs the forward pass.
 
@@ -364,9 +343,9 @@ class EAMamba:
             if self._device_params is None:
                 self._device_params = {k: DeviceTensor.from_host(v) for k, v in self.params.items()}
             return forward(self._device_params, cfg, DeviceTensor.from_host(x), "cuda").to_host()
-        if backend == "numba":
-            _warn_if_openblas_spins()     # (the 'numpy' backend runs no Numba kernels to slow)
-        with reuse_freed_memory():        # no page faults for the large temporaries (allocator.py)
+        # threads owned by `runtime` (BLAS on one, GEMM blocks on its pool: same bits for any count);
+        # no page faults for the large temporaries (allocator.py)
+        with runtime.forward_threads(), reuse_freed_memory():
             return forward(self.params, cfg, x, self.backend)
 
     @property

@@ -71,7 +71,7 @@ def layer_norm_channels(x, weight, bias=None, eps=1e-5, backend=None):
 def matmul(a, b):
     """``a @ b``; b (the activations) picks the device, a (a weight) must live on the same one."""
     gpu = _gpu(b)
-    return np.matmul(a, b) if gpu is None else gpu.matmul(a, b)
+    return layers.matmul(a, b) if gpu is None else gpu.matmul(a, b)
 
 
 def concatenate(arrays, axis=0):

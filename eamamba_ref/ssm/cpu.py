@@ -32,10 +32,10 @@ give different values, the latter by less than 2**-63 per state.
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
+from .. import runtime
 from .fastexp import FASTMATH_REASSOC, TINY, decay_exp2, silu, softplus
 
 f32 = np.float32
@@ -195,7 +195,7 @@ def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     bias = zeros if delta_bias is None else np.ascontiguousarray(delta_bias)
     zz = np.zeros((1, 1, 1), dtype=f32) if z is None else np.ascontiguousarray(z)
     run, per_task, tasks_per_run = task_layout(batch, n_channels, Bm.shape[1], Cm.shape[1],
-                                               numba.get_num_threads())
+                                               runtime.num_threads())
 
     y = np.empty((batch, n_channels, length), dtype=f32)
     last_state = np.empty((batch, n_channels, n_state), dtype=f32)

@@ -32,10 +32,10 @@ kernel takes ~1.3 ns including dt_proj and its gathers (2.1 ns before the gather
 pixels of the steps ahead, see prefetch.py; 3.7 ns with the gather and scatter loops written
 inline in the prange body).
 """
-import numba
 import numpy as np
 from numba import njit, prange
 
+from .. import layers, runtime
 from .cpu import BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS_PER_THREAD, recurrence
 from .fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
 from .prefetch import prefetch, prefetch_write
@@ -50,7 +50,7 @@ __all__ = ["dwconv_silu_pixel_major", "directional_scan", "layer_norm_gate", "ch
 
 def channels_per_task(batch, heads, channels_per_head, threads=None):
     """Channels of one head per scan task: up to MAX_TASK_CHANNELS, fewer if that leaves threads idle."""
-    threads = numba.get_num_threads() if threads is None else threads
+    threads = runtime.num_threads() if threads is None else threads
     wanted = -(-batch * heads * channels_per_head // (TASKS_PER_THREAD * threads))
     return max(1, min(channels_per_head, MAX_TASK_CHANNELS, wanted))
 
@@ -400,7 +400,7 @@ def mhssm_numba(p, x, size, cfg):
 
     # 3-5. x_proj of every pixel, per head; then the fused directional scans
     heads = u.reshape(B, L, K, Cp).transpose(0, 2, 1, 3)                 # (B, K, L, C') view
-    xdbl = np.matmul(heads, p["x_proj_weight"].transpose(0, 2, 1))      # (B, K, L, R + 2N)
+    xdbl = layers.matmul(heads, p["x_proj_weight"].transpose(0, 2, 1), "rows")      # (B, K, L, R + 2N)
     table = scans.direction_indices(cfg.scan_type, cfg.scan_count, size)
     y = directional_scan(u, xdbl, table, p["dt_projs_weight"], p["dt_projs_bias"].reshape(-1),
                          -np.exp(p["A_logs"]), p["Ds"])                  # (B, L, d)
@@ -423,7 +423,7 @@ def _in_proj_part(xs, where, a):
 @traced(after=lambda a, xs: _in_proj_part(xs, slice(0, a["d"]), a))
 def _project_x(w_in, b_in, x, d):
     """in_proj's first d outputs (the SSM input) on `x (B, C, L)`: `(B, d, L)`."""
-    xs = np.matmul(w_in[:d], x)
+    xs = layers.matmul(w_in[:d], x)
     if b_in is not None:
         xs += b_in[:d, None]
     return xs
@@ -432,7 +432,7 @@ def _project_x(w_in, b_in, x, d):
 @traced(after=lambda a, z: _in_proj_part(_channel_first(z), slice(a["d"], None), a))
 def _project_z(w_in, b_in, x, d):
     """in_proj's last d outputs (the gate z) on `x (B, C, L)`, pixel-major: `(B, L, d)`."""
-    z = np.matmul(x.transpose(0, 2, 1), w_in[d:].T)
+    z = layers.matmul(x.transpose(0, 2, 1), w_in[d:].T, "rows")
     if b_in is not None:
         z += b_in[d:]
     return z
@@ -441,7 +441,7 @@ def _project_z(w_in, b_in, x, d):
 @traced("out_proj")
 def _project_out(p, y):
     """out_proj on pixel-major `y (B, L, d)` -> channel-first `(B, C, L)` (W_out y^T)."""
-    out = np.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))
+    out = layers.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))
     if "out_proj.bias" in p:
         out += p["out_proj.bias"][:, None]
     return out

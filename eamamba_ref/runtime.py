@@ -1,0 +1,174 @@
+"""Who runs the CPU threads of a forward pass, and how many: the one place that owns parallelism.
+
+Importing eamamba_ref changes nothing in the process (no environment variable, no library
+setting). Everything happens here, at run time, and only while a forward pass runs
+(`forward_threads()`), so that the result is **bit for bit the same for any number of threads**
+and whatever the user imported first (NumPy, torch):
+
+* **BLAS is held to one thread** inside `forward_threads()` (threadpoolctl, which reaches the
+  library NumPy loaded whenever it was loaded) and given back its previous setting on exit.
+  A multi-threaded BLAS GEMM may cut its work differently for each thread count (measured: the
+  demo denoiser at 96x128 differed in 30,199 output elements, up to 6.6e-7, between
+  OPENBLAS_NUM_THREADS=1 and 2), and its idle threads spin for a while after every call, on the
+  cores the Numba kernels need next.
+* **GEMMs run on this module's pool** instead: `layers.matmul` cuts every product into blocks of
+  a fixed number of output pixels (a function of the shapes only, never of the thread count),
+  and the pool's threads run the blocks, each a one-thread BLAS call. A block's bits depend on
+  its inputs alone, so any number of threads gives the same result. Its threads wait on a
+  condition variable when idle: they never spin.
+* **Numba's kernels** split their work by shapes, not by thread counts, or where a task size
+  does follow the thread count (the scans' channels per task) every channel is computed by the
+  same instructions whichever task holds it (tests/test_threads.py checks both).
+  Their threading layer is chosen here before the first kernel runs (`start_numba_threads`):
+  Numba's own 'workqueue', unless the user picked a layer or Numba's threads already run.
+  The alternative, 'omp', is GNU OpenMP (libgomp), whose idle threads spin unless
+  OMP_WAIT_POLICY=passive was in the environment when libgomp loaded; and libgomp is shared
+  with torch when torch is imported, which loads it and reads the variable then, with the
+  default (spinning) policy: the model ran 1.6x slower after `import torch`. 'workqueue' threads
+  sleep on a condition variable whatever was imported first. Numba's 'workqueue' layer must not be
+  entered by two threads at once (Numba aborts the process), so forward passes in one process take
+  turns (`forward_threads` holds a lock); each uses every thread anyway.
+
+Thread count: Numba's (`numba.get_num_threads()`: NUMBA_NUM_THREADS, or `numba.set_num_threads`
+in the calling thread), for the kernels and for the GEMM pool alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["forward_threads", "num_threads", "parallel_for", "start_numba_threads",
+           "PREFERRED_THREADING_LAYER"]
+
+# The Numba threading layer chosen when nobody else chose one (see the module docstring).
+PREFERRED_THREADING_LAYER = "workqueue"
+
+_lock = threading.RLock()       # one forward at a time; re-entrant for nested forwards (tiling)
+_depth = 0
+_blas_limit = None               # threadpoolctl's limiter while a forward runs
+_controller = None               # threadpoolctl's view of the loaded libraries (built once)
+_pool = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+_numba_started = False
+_POOL_PREFIX = "eamamba-gemm"
+
+
+def _after_fork_in_child():
+    """A forked child has none of the parent's pool threads, and a lock may have been held by a
+    thread that is not there: start afresh (the pool is made again on first use)."""
+    global _lock, _pool_lock, _pool, _pool_size, _depth, _blas_limit
+    _lock, _pool_lock = threading.RLock(), threading.Lock()
+    _pool, _pool_size, _depth, _blas_limit = None, 0, 0, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def start_numba_threads():
+    """Start Numba's threads with the layer of this module's choice, once; returns the layer's name.
+
+    The choice is left alone where someone made it: NUMBA_THREADING_LAYER in the environment,
+    `numba.config.THREADING_LAYER` set by the program, or Numba's threads already running (a
+    parallel kernel ran before). Numba's config is restored after the start, so only the
+    running layer tells that this happened.
+    """
+    global _numba_started
+    import numba
+    if not _numba_started:
+        with _pool_lock:
+            if not _numba_started:
+                try:
+                    numba.threading_layer()          # raises ValueError while nothing runs yet
+                    chosen = True
+                except ValueError:
+                    chosen = bool(os.environ.get("NUMBA_THREADING_LAYER")) or \
+                        str(numba.config.THREADING_LAYER).lower() != "default"
+                if chosen:
+                    numba.get_num_threads()          # starts the layer somebody chose (if not yet)
+                else:
+                    previous = numba.config.THREADING_LAYER
+                    numba.config.THREADING_LAYER = PREFERRED_THREADING_LAYER
+                    try:
+                        numba.get_num_threads()      # starts the threads (Numba reads the config now)
+                    finally:
+                        numba.config.THREADING_LAYER = previous
+                _numba_started = True
+    return numba.threading_layer()
+
+
+def num_threads():
+    """The threads a forward pass uses: Numba's count for the calling thread."""
+    import numba
+    start_numba_threads()
+    return numba.get_num_threads()
+
+
+def _blas_controller():
+    """threadpoolctl's controller, built once. threadpoolctl's import sets KMP_DUPLICATE_LIB_OK in
+    os.environ (for Intel OpenMP, should one load later); a variable the program did not have is
+    taken out again, so that running the model leaves the environment as it was."""
+    global _controller
+    if _controller is None:
+        had = "KMP_DUPLICATE_LIB_OK" in os.environ
+        from threadpoolctl import ThreadpoolController
+        if not had:
+            os.environ.pop("KMP_DUPLICATE_LIB_OK", None)
+        _controller = ThreadpoolController()
+    return _controller
+
+
+@contextlib.contextmanager
+def forward_threads():
+    """Inside: BLAS on one thread, Numba's threads started, no other forward pass running.
+
+    Re-entrant (a forward that runs forwards, e.g. over tiles, holds it once more). On the last
+    exit BLAS gets back the thread count it had.
+    """
+    global _depth, _blas_limit
+    with _lock:
+        if _depth == 0:
+            start_numba_threads()
+            _blas_limit = _blas_controller().limit(limits=1, user_api="blas")
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+            if _depth == 0:
+                limiter, _blas_limit = _blas_limit, None
+                limiter.restore_original_limits()
+
+
+def _executor(threads):
+    """The GEMM pool, `threads` workers (re-made if the count changed)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_POOL_PREFIX)
+            _pool_size = threads
+        return _pool
+
+
+def parallel_for(fn, n_tasks):
+    """fn(0), ..., fn(n_tasks - 1) on the pool (inline when there is one task or one thread),
+    inside `forward_threads()` so that each runs BLAS on one thread. The tasks must write to
+    disjoint outputs; which thread runs which task does not matter to the result. Returns None;
+    an exception of a task is raised here."""
+    if threading.current_thread().name.startswith(_POOL_PREFIX):
+        for i in range(n_tasks):          # a task of the pool itself: inline, never wait on the pool
+            fn(i)
+        return
+    with forward_threads():
+        threads = min(num_threads(), n_tasks)
+        if threads <= 1:
+            for i in range(n_tasks):
+                fn(i)
+            return
+        for future in [_executor(num_threads()).submit(fn, i) for i in range(n_tasks)]:
+            future.result()

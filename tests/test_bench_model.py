@@ -1,0 +1,44 @@
+"""The parts of benchmarks/bench_model.py that decide what the PyTorch reference row measures: its
+candidate scans compute the reference's selective scan, and denormals are flushed on every thread.
+(Run in child processes: the benchmark module sets up its imports for its own children.)"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(code):
+    pytest.importorskip("torch")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'benchmarks')\n" + code],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
+def test_every_candidate_scan_matches_the_sequential_reference():
+    # check_scan raises unless the relative error against the reference's sequential scan is
+    # < 1e-5 (l = 300: no chunk length divides it, so the padded last chunk is exercised too)
+    out = _run("import bench_model as b\n"
+               "names = sorted(b.torch_scan_candidates())\n"
+               "[b.check_scan(b.torch_scan_candidates()[n]) for n in names]\n"
+               "print(len(names), sum(n.startswith('in-place') for n in names))")
+    assert int(out[-2]) >= 4 and int(out[-1]) >= 2
+
+
+def test_a_wrong_scan_is_caught():
+    out = _run("import bench_model as b, functools\n"
+               "from eamamba_ref import torch_ref\n"
+               "bad = lambda *a, **k: 1.001 * torch_ref.selective_scan(*a, mode='sequential', **k)\n"
+               "try:\n    b.check_scan(bad)\nexcept AssertionError:\n    print('caught')")
+    assert out[-1] == "caught"
+
+
+def test_denormals_flushed_on_all_of_torchs_threads():
+    out = _run("import torch, bench_model as b\n"
+               "print(b.flush_denormals_everywhere(2), torch.get_num_threads())")
+    assert out[-2:] == ["True", "2"]
