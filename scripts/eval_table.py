@@ -14,7 +14,9 @@ import re
 import sys
 from collections import defaultdict
 
-DENOISE_COLUMNS = ["noisy input", "TV", "wavelet", "NL-means", "EAMamba"]
+DENOISE_COLUMNS = ["noisy input", "TV", "wavelet", "NL-means", "BM3D / CBM3D", "EAMamba"]
+# BM3D (gray sets) and CBM3D (colour sets) share a column: a row holds one of them
+SAME_COLUMN = {"BM3D": "BM3D / CBM3D", "CBM3D": "BM3D / CBM3D"}
 SR_COLUMNS = ["bicubic", "EAMamba"]
 
 
@@ -32,7 +34,8 @@ def read_rows(folder):
         else:
             continue
         for row in csv.DictReader(open(path)):
-            groups[key][row["method"]][row["image"]] = (float(row["psnr"]), float(row["ssim"]))
+            method = SAME_COLUMN.get(row["method"], row["method"])
+            groups[key][method][row["image"]] = (float(row["psnr"]), float(row["ssim"]))
     return {key: {m: list(per_image.values()) for m, per_image in methods.items()}
             for key, methods in groups.items()}
 
@@ -71,7 +74,7 @@ def main(argv=None):
         return 2
     groups = read_rows(argv[0])
     ok = True
-    for denoise, title in ((True, "Denoising, mean PSNR (dB) / SSIM, RGB"), (False, "x2 SR, mean PSNR (dB) / SSIM, Y channel, border 2")):
+    for denoise, title in ((True, "Denoising, mean PSNR (dB) / SSIM (RGB; '_gray' sets: gray)"), (False, "x2 SR, mean PSNR (dB) / SSIM, Y channel, border 2")):
         text, good = table(groups, denoise)
         ok &= good
         print(f"{title}:\n\n{text}\n")

@@ -101,6 +101,10 @@ def test_eval_table_merges_baseline_and_model_csvs(tmp_path):
     write("Kodak_sigma25_model.csv", [("a", "EAMamba", 32), ("b", "EAMamba", 33), ("a", "TV", 30), ("b", "TV", 31)])
     text, ok = et.table(et.read_rows(str(tmp_path)), denoise=True)
     assert ok
-    assert "| Kodak (2) | 25 | – | 30.50 / 0.500 | – | 29.00 / 0.500 | **32.50 / 0.500** |" in text
+    assert "| Kodak (2) | 25 | – | 30.50 / 0.500 | – | 29.00 / 0.500 | – | **32.50 / 0.500** |" in text
+    write("Set12_gray_sigma25_baselines.csv", [("a", "BM3D", 31), ("a", "NL-means", 28)])
+    write("Set12_gray_sigma25_model.csv", [("a", "EAMamba", 30)])
+    text, ok = et.table(et.read_rows(str(tmp_path)), denoise=True)
+    assert ok and "| Set12_gray (1) | 25 | – | – | – | 28.00 / 0.500 | **31.00 / 0.500** | 30.00 / 0.500 |" in text
     write("Kodak_sigma50_baselines.csv", [("a", "TV", 30)])           # no model row: flagged
     assert et.table(et.read_rows(str(tmp_path)), denoise=True)[1] is False
