@@ -23,15 +23,13 @@ Backends:
              arrays (copied to the device; the result comes back as NumPy arrays) or CUDA device
              arrays (the result stays on the device when u is one).
 
-The process-wide default is 'numba'; the environment variable EAMAMBA_BACKEND overrides it and
-``set_default_backend`` overrides both. 'cuda' is never the default, even with a GPU present: its
-kernels are tested in numba's CUDA simulator only, until benchmarks/gpu_check.py has passed on a
-real GPU (CUDA_VERIFIED_ON_HARDWARE), and the first use of 'cuda' in a process says so in one
-warning (`CudaNotVerifiedWarning`).
+The process-wide default of this function is 'numba'; the environment variable EAMAMBA_BACKEND
+overrides it and ``set_default_backend`` overrides both. (The whole model, `restore` and
+`evaluate` pick 'cuda' where a GPU works: see `restore.default_backend`. The CUDA kernels are
+tested in numba's CUDA simulator and were checked on an NVIDIA H200 by benchmarks/gpu_check.py.)
 """
 
 import os
-import warnings
 
 import numpy as np
 
@@ -42,38 +40,11 @@ __all__ = [
     "get_default_backend",
     "resolve_backend",
     "available_backends",
-    "CudaNotVerifiedWarning",
 ]
 
 BACKENDS = ("numpy", "numba", "cuda")
 _BUILTIN_DEFAULT = "numba"
 _default_backend = None  # set by set_default_backend; None means "environment, then built-in"
-
-
-# True once benchmarks/gpu_check.py has passed on a real GPU (record the card and the figures in
-# docs/performance.md when switching it); until then 'cuda' is opt-in and announced as unverified.
-CUDA_VERIFIED_ON_HARDWARE = False
-CUDA_UNVERIFIED_NOTE = ("the 'cuda' backend is not yet verified on GPU hardware: its kernels are tested "
-                        "in numba's CUDA simulator only (benchmarks/gpu_check.py checks a real GPU)")
-_cuda_noted = False
-
-
-class CudaNotVerifiedWarning(UserWarning):
-    """'cuda' was asked for before it has been verified on GPU hardware."""
-
-
-def note_cuda_unverified(stream=None):
-    """Say once per process that 'cuda' is unverified on hardware: as a `CudaNotVerifiedWarning`,
-    or as one line on `stream` (the command-line tools pass sys.stderr). No-op once verified."""
-    global _cuda_noted
-    if _cuda_noted or CUDA_VERIFIED_ON_HARDWARE:
-        return
-    _cuda_noted = True
-    if stream is not None:
-        print(f"note: {CUDA_UNVERIFIED_NOTE}", file=stream)
-    else:
-        # note <- resolve_backend <- EAMamba.__call__ / selective_scan <- the caller's line
-        warnings.warn(CUDA_UNVERIFIED_NOTE, CudaNotVerifiedWarning, stacklevel=4)
 
 
 def _check_name(name, where):
@@ -112,12 +83,8 @@ def get_default_backend():
 
 def resolve_backend(name):
     """The backend a call with `backend=name` uses: the default for None, else the (checked) name.
-    The first 'cuda' of a process that can run it is announced as unverified (see
-    `note_cuda_unverified`); without a GPU the call fails later with its own clear error."""
-    resolved = get_default_backend() if name is None else _check_name(name, "backend=")
-    if resolved == "cuda" and not _cuda_noted and _cuda_available():
-        note_cuda_unverified()
-    return resolved
+    ('cuda' without a GPU fails later, with its own clear error.)"""
+    return get_default_backend() if name is None else _check_name(name, "backend=")
 
 
 def set_default_backend(name):
