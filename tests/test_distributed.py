@@ -359,3 +359,35 @@ def test_chunked_bad_requests(tmp_path, unet, call, match):
         dist.restore_large(src, tmp_path / "b.tif", weights=unet, progress=False, **call)
     with pytest.raises(ImageError, match="TIFF only"):
         dist.restore_large(src, tmp_path / "b.png", weights=unet, progress=False)
+
+
+def test_dask_worker_processes_write_the_bytes_of_single_image_runs(tmp_path):
+    """The folder command on a real local cluster (worker processes, each with its own thread
+    settings from Dask) against the single-image command in a separate process with 2 threads
+    for every library: the same output files, byte for byte, for colour and gray images (the
+    bundled demo weights; the gray one goes to the gray model)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(11)
+    src = tmp_path / "in"
+    src.mkdir()
+    write_image(src / "colour.png", rng.random((40, 56, 3)).astype(np.float32), 8)
+    write_image(src / "gray.png", rng.random((48, 32, 1)).astype(np.float32), 16)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    base["PYTHONPATH"] = root + os.pathsep + base.get("PYTHONPATH", "")
+
+    def run(args, threads=None):
+        env = dict(base, **({f"{k}_NUM_THREADS": str(threads) for k in ("OPENBLAS", "OMP", "NUMBA", "MKL")}
+                            if threads else {}))
+        proc = subprocess.run([sys.executable, "-m", "eamamba_ref.restore", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+
+    run([str(src), "--out", str(tmp_path / "dask"), "--workers", "2", "--sigma", "20"])
+    for name in ("colour.png", "gray.png"):
+        run([str(src / name), "-o", str(tmp_path / f"single_{name}"), "--sigma", "20"], threads=2)
+        stem = os.path.splitext(name)[0]
+        batch = (tmp_path / "dask" / f"{stem}_denoise.png").read_bytes()
+        assert batch == (tmp_path / f"single_{name}").read_bytes()
