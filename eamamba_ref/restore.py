@@ -26,6 +26,7 @@ from .errors import RestoreError, command
 from .images import MAX_PIXELS, Image, ImageError, check_output, is_gray, read_image, write_image
 from .layers import bicubic_upsample
 from .loading import load
+from .metrics import psnr
 from .tasks import TASKS, check_task
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "kodim23_crop.png")
@@ -219,11 +220,6 @@ def _progress_bar(total, desc):
     from tqdm import tqdm
     bar = tqdm(total=total, desc=desc, unit="tile", leave=False)
     return bar, bar.update
-
-
-def psnr(a, b):
-    mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1)) ** 2))
-    return 10 * np.log10(1.0 / max(mse, 1e-12))
 
 
 def run_demo(task, models, args):

@@ -231,7 +231,7 @@ def figures_forgetting(out, weights):
 def figures_restoration(out, weights):
     import matplotlib.pyplot as plt
     from eamamba_ref import inference
-    from eamamba_ref.restore import psnr
+    from eamamba_ref.metrics import psnr
     model, trained = demo_model(weights)
     if not trained:
         print(f"skipped denoise_before_after.png: no demo weights at {weights}")
