@@ -37,6 +37,8 @@ from . import inference
 from .atomic import atomic_output, check_writable, remove_temporaries, tagged
 from .errors import Interrupted, RestoreError, one_line
 from .images import ImageError, read_image, tiff_page, to_integer, write_image
+from . import pipeline
+from .pipeline import TaskModels, default_output, names_a_file, output_folder, restore_images
 from .tasks import TASKS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -138,12 +140,11 @@ _MODELS_LOCK = threading.Lock()
 
 
 def worker_models(task_name, weights, backend):
-    """The task's models (`restore.TaskModels`), each loaded at most once per worker process
+    """The task's models (`pipeline.TaskModels`), each loaded at most once per worker process
     (threads share them).
 
     Keyed by the weights file's path, size and modification time, so a replaced file is reloaded.
     """
-    from .restore import TaskModels
     task = TASKS[task_name]
     path = os.path.abspath(weights) if weights else task.bundled_path()
     stat = os.stat(path) if path and os.path.exists(path) else None
@@ -208,7 +209,6 @@ def find_images(specs):
 
 def _drop_own_outputs(paths, task):
     """Leave out files that are another input's default output (a rerun on the same folder)."""
-    from .restore import default_output
     outputs = {os.path.abspath(default_output(p, task)) for p in paths}
     return [p for p in paths if os.path.abspath(p) not in outputs]
 
@@ -217,10 +217,9 @@ def plan_outputs(paths, task, out_dir=None):
     """(input, output) pairs with the restore command's naming; two inputs may not share an output.
 
     `out_dir` is a folder (created if needed), whatever its name."""
-    from .restore import output_folder, plan_outputs as plan
     if out_dir:
         output_folder(out_dir)
-    return [(group[0], dst) for group, dst in plan([[p] for p in paths], task, out_dir)]
+    return [(group[0], dst) for group, dst in pipeline.plan_outputs([[p] for p in paths], task, out_dir)]
 
 
 def restore_one(src, dst, settings: Settings):
@@ -229,7 +228,6 @@ def restore_one(src, dst, settings: Settings):
     Never raises: a failure is a value, so it cannot stop the other images. Same steps as
     `restore.restore_files` (the tests check the outputs are identical), without its printing.
     """
-    from .restore import restore_images
     try:
         if os.path.exists(dst) and not settings.overwrite:
             return ("skipped", src, dst, "output exists")
@@ -603,7 +601,6 @@ def run_command(task, args, backend):
     Every check that can fail without the cluster (Dask installed, inputs, output names and
     folders) runs before the cluster starts, so a bad request costs no start-up time.
     """
-    from .restore import names_a_file, output_folder
     require_dask()
     if task.inputs != 1:
         raise RestoreError(f"task '{task.name}' takes two views per image; folders, globs, --scheduler "
@@ -663,7 +660,6 @@ def _run_on_cluster(task, args, backend, paths, pairs, out_dir, tag):
 
 
 def _tiff_name(src, task, out_dir):
-    from .restore import default_output
     root, _ = os.path.splitext(default_output(src, task, out_dir))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

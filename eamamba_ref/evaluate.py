@@ -27,8 +27,8 @@ from .atomic import atomic_output, check_destination
 from .errors import command
 from .images import Image, read_image
 from .layers import bicubic_upsample
-from .restore import (RestoreError, default_backend, from_model_output, load_task_model, restore_array,
-                      to_model_input)
+from .errors import RestoreError
+from .pipeline import default_backend, from_model_output, load_task_model, restore_array, to_model_input
 from .tasks import TASKS
 
 

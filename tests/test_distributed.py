@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("distributed")
 tifffile = pytest.importorskip("tifffile")
 
-from eamamba_ref import distributed as dist, inference, restore  # noqa: E402
+from eamamba_ref import distributed as dist, inference, pipeline, restore  # noqa: E402
 from eamamba_ref.images import ImageError, read_image, write_image  # noqa: E402
 
 from test_restore import files_in, image, umask_mode, write_model  # noqa: E402
@@ -237,8 +237,8 @@ def test_ctrl_c_in_folder_mode_says_what_is_done(tmp_path, unet, client, capsys,
 
 def test_weights_are_loaded_once_per_worker_process(tmp_path, unet, client, monkeypatch):
     loads = []
-    real = restore.load_task_model
-    monkeypatch.setattr(restore, "load_task_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = pipeline.load_task_model
+    monkeypatch.setattr(pipeline, "load_task_model", lambda *a, **k: loads.append(a) or real(*a, **k))
     monkeypatch.setattr(dist, "_MODELS", {})              # both in-process workers share this process
     folder = make_folder(tmp_path / "in", corrupt=False)
     report = dist.restore_batch(dist.find_images([str(folder)]), dist.Settings(weights=unet), client,
@@ -329,7 +329,7 @@ def test_super_resolution_in_chunks(tmp_path, client):
     data = image(20, 33, 3, seed=9)
     x = data.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255)
     got = dist.large_array(data, "sr2", sr, chunk=16, tile=12, overlap=3).compute()
-    model = restore.load(sr)
+    model = pipeline.load(sr)
     want = inference.tiled(model, x, 12, 3)[0].transpose(1, 2, 0)
     assert got.shape == (40, 66, 3)
     assert np.array_equal(got, np.round(np.clip(want, 0, 1) * 255).astype(np.uint8))

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image as PILImage, ImageOps
 
-from eamamba_ref import restore
+from eamamba_ref import pipeline, restore
 from eamamba_ref.images import (MAX_PIXELS, ImageError, check_output, from_batch, is_gray, orient, read_image,
                                 to_batch, write_image)
 
@@ -321,7 +321,7 @@ def test_the_command_refuses_a_bad_output_before_computing(tmp_path, capsys, mon
 
     def no_work(*args, **kwargs):
         raise AssertionError("the model ran before the output was checked")
-    monkeypatch.setattr(restore, "restore_array", no_work)
+    monkeypatch.setattr(pipeline, "restore_array", no_work)
     for out, match in [("x.bmp", "unsupported output format .bmp"), ("missing/x.png", "does not exist")]:
         assert restore.main([str(src), "-o", str(tmp_path / out)]) == 2
         err = capsys.readouterr().err.strip()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eamamba_ref import inference, restore
+from eamamba_ref import inference, pipeline, restore
 from eamamba_ref.checkpoint import save_converted
 from eamamba_ref.config import ModelConfig
 from eamamba_ref.images import ImageError, read_image, write_image
@@ -103,7 +103,7 @@ def test_tiled_blend_is_exact_for_a_pointwise_model(h, w, tile, data):
 
 
 def test_tile_covering_the_image_equals_the_untiled_model(unet):
-    model = restore.load(unet)
+    model = pipeline.load(unet)
     x = np.random.default_rng(0).random((1, 3, 20, 28), dtype=np.float32)
     untiled = inference.padded(model, x)
     assert untiled.shape == (1, 3, 20, 28)
@@ -150,7 +150,7 @@ def test_restore_rgb_gray16_and_rgba(tmp_path, unet, capsys):
     assert np.array_equal(out_rgba.alpha, alpha)                    # alpha passed through untouched
     # untiled, the command's output is the model's output on the padded image, rounded to 8 bits
     assert restore.main([str(rgb), "--weights", unet, "-o", str(tmp_path / "untiled.png")]) == 0
-    model = restore.load(unet)
+    model = pipeline.load(unet)
     x = read_image(rgb).pixels.transpose(2, 0, 1)[None].copy()
     want = np.clip(inference.padded(model, x)[0].transpose(1, 2, 0), 0, 1)
     assert np.abs(read_image(tmp_path / "untiled.png").pixels - want).max() <= 0.5 / 255 + 1e-6
@@ -336,7 +336,7 @@ def test_ctrl_c_is_one_line_and_exit_status_130(tmp_path, unet, capsys, monkeypa
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(restore, "restore_array", interrupted)
+    monkeypatch.setattr(pipeline, "restore_array", interrupted)
     assert restore.main([str(src), "--weights", unet]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
     assert files_in(tmp_path) == ["a.png"]

@@ -25,7 +25,7 @@ Backends:
 
 The process-wide default of this function is 'numba'; the environment variable EAMAMBA_BACKEND
 overrides it and ``set_default_backend`` overrides both. (The whole model, `restore` and
-`evaluate` pick 'cuda' where a GPU works: see `restore.default_backend`. The CUDA kernels are
+`evaluate` pick 'cuda' where a GPU works: see `pipeline.default_backend`. The CUDA kernels are
 tested in numba's CUDA simulator and were checked on an NVIDIA H200 by benchmarks/gpu_check.py.)
 """
 
