@@ -36,7 +36,7 @@ import numpy as np
 from . import inference
 from .atomic import atomic_output, check_writable, remove_temporaries, tagged
 from .errors import Interrupted, RestoreError, one_line
-from .images import ImageError, read_image, tiff_page, to_integer, write_image
+from .images import MAX_PIXELS, ImageError, read_image, tiff_page, to_integer, write_image
 from . import pipeline
 from .pipeline import TaskModels, default_output, names_a_file, output_folder, restore_images
 from .tasks import TASKS
@@ -168,6 +168,7 @@ class Settings:
     sigma: float | None = None
     seed: int = 0
     overwrite: bool = False
+    max_pixels: int | None = MAX_PIXELS      # images.read_image's limit (--max-pixels)
     run_tag: str = ""           # names this run's temporary files (see atomic.tagged)
 
 
@@ -233,7 +234,7 @@ def restore_one(src, dst, settings: Settings):
             return ("skipped", src, dst, "output exists")
         task = TASKS[settings.task]
         models = worker_models(settings.task, settings.weights, settings.backend)
-        image = read_image(src)
+        image = read_image(src, settings.max_pixels)
         out, alpha = restore_images(task, models, [image], settings.sigma, settings.seed, settings.tile,
                                     settings.overlap, settings.ensemble)
         with tagged(settings.run_tag):
@@ -653,7 +654,7 @@ def _run_on_cluster(task, args, backend, paths, pairs, out_dir, tag):
             return 0 if report.ok else 1
         settings = Settings(task=task.name, weights=args.weights, backend=backend, tile=args.tile,
                             overlap=args.tile_overlap, ensemble=args.ensemble, sigma=args.sigma, seed=args.seed,
-                            overwrite=args.overwrite, run_tag=tag)
+                            overwrite=args.overwrite, max_pixels=getattr(args, "max_pixels", MAX_PIXELS), run_tag=tag)
         report = restore_batch(paths, settings, client, out_dir)
     print(summary(report))
     return 0 if report.ok else 1

@@ -391,3 +391,14 @@ def test_dask_worker_processes_write_the_bytes_of_single_image_runs(tmp_path):
         stem = os.path.splitext(name)[0]
         batch = (tmp_path / "dask" / f"{stem}_denoise.png").read_bytes()
         assert batch == (tmp_path / f"single_{name}").read_bytes()
+
+
+def test_max_pixels_reaches_the_batch_workers(tmp_path, unet, client, capsys):
+    """A folder run refuses what the single-image command refuses, with the same --max-pixels."""
+    folder = make_folder(tmp_path / "in", corrupt=False)            # largest image: 13 x 21 = 273 pixels
+    args = [str(folder), "--weights", unet, "--out", str(tmp_path / "out"), "--scheduler",
+            client.scheduler.address, "--max-pixels", "200"]
+    assert restore.main(args) == 1                                  # one image failed
+    text = capsys.readouterr().out
+    assert "failed 1" in text and "rgb.png: " in text and "over the limit of 200 pixels" in text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gray16_denoise.png", "rgba_denoise.tif"]
