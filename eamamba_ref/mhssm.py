@@ -55,14 +55,19 @@ def conv_module(x, weight, bias, size, conv_2d):
     return y.reshape(B, d, L + k - 1)
 
 
+def _linear(p, name, x):
+    """nn.Linear `name` over the channels of `x (B, C, L)`: weight `(O, C)`, optional bias -> `(B, O, L)`."""
+    out = ops.matmul(p[f"{name}.weight"], x)
+    if f"{name}.bias" in p:
+        out = out + p[f"{name}.bias"][:, None]
+    return out
+
+
 # The stages of the plain composition, each recorded under its name while a trace is recording.
 @traced("in_proj")
 def in_projection(p, x):
     """in_proj on `x (B, C, L)` -> `(B, 2d, L)` (x then z; `(B, d, L)` without the z branch)."""
-    xz = ops.matmul(p["in_proj.weight"], x)
-    if "in_proj.bias" in p:
-        xz = xz + p["in_proj.bias"][:, None]
-    return xz
+    return _linear(p, "in_proj", x)
 
 
 @traced("x_proj")
@@ -86,10 +91,7 @@ def gate(y, z):
 @traced("out_proj")
 def out_projection(p, y):
     """out_proj on `y (B, d, L)` -> `(B, C, L)`."""
-    out = ops.matmul(p["out_proj.weight"], y)
-    if "out_proj.bias" in p:
-        out = out + p["out_proj.bias"][:, None]
-    return out
+    return _linear(p, "out_proj", y)
 
 
 activation = traced("act")(ops.silu)
