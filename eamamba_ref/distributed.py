@@ -36,9 +36,10 @@ import numpy as np
 from . import inference
 from .atomic import atomic_output, check_writable, remove_temporaries, tagged
 from .errors import Interrupted, RestoreError, one_line
-from .images import MAX_PIXELS, ImageError, read_image, tiff_page, to_integer, write_image
+from .images import MAX_PIXELS, Image, ImageError, read_image, tiff_page, to_integer, write_image
 from . import pipeline
-from .pipeline import TaskModels, default_output, names_a_file, output_folder, restore_images
+from .pipeline import (TaskModels, default_output, from_model_output, names_a_file, output_folder, restore_images,
+                       to_model_input)
 from .tasks import TASKS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -490,17 +491,12 @@ def _restore_chunk(block, block_id=None, *, spec):
     oy, ox = max(0, ry0 - dy), max(0, rx0 - dx)              # boundary='none': no halo past the edge
     bits = 8 if block.dtype == np.uint8 else 16
     color = 1 if block.shape[2] in (1, 2) else 3
-    pixels = block[..., :color].astype(np.float32) / np.float32(255.0 if bits == 8 else 65535.0)
-    # by the file's channel count (not by looking: every chunk must take the same model)
-    model = worker_models(spec["task"], spec["weights"], spec["backend"]).for_channels(color, spec.get("src", "the image"))
-    if color == 1 and model.config.inp_channels == 3:
-        pixels = np.repeat(pixels, 3, axis=2)
-    x = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
+    image = Image(block[..., :color].astype(np.float32) / np.float32(255.0 if bits == 8 else 65535.0), None, bits)
+    # the model by the file's channel count (not by looking: every chunk must take the same model)
+    model = worker_models(spec["task"], spec["weights"], spec["backend"]).for_channels(color)
+    x = to_model_input([image], TASKS[spec["task"]], model.config.inp_channels)   # no pre-upsampling here
     y = tiled_region(model, x, (oy, ox), ((ry0, ry1), (rx0, rx1)), (H, W), spec["tile"], spec["overlap"])
-    out = y[0].transpose(1, 2, 0)
-    if color == 1 and out.shape[2] == 3:
-        out = out.mean(axis=2, keepdims=True)
-    out = to_integer(out, bits)
+    out = to_integer(from_model_output(y, image, 1)[0], bits)
     if block.shape[2] in (2, 4):                                # alpha: passed through, resized
         s = out.shape[0] // (ry1 - ry0)
         alpha = block[ry0 - oy:ry1 - oy, rx0 - ox:rx1 - ox, -1:]

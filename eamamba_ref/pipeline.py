@@ -17,7 +17,7 @@ import numpy as np
 from . import inference, ssm
 from .atomic import check_destination, check_writable
 from .errors import RestoreError
-from .images import Image, is_gray
+from .images import Image, from_batch, is_gray, to_batch
 from .layers import bicubic_upsample
 from .loading import load
 from .tasks import check_task
@@ -109,13 +109,9 @@ def as_model_channels(image: Image, channels):
 def to_model_input(images, task, channels=3):
     """Images -> `(1, C, H, W)`: gray is replicated to RGB for a colour (`channels` 3) model; the
     dual-pixel views are stacked."""
-    planes = []
-    for im in images:
-        px = im.pixels
-        if px.shape[2] == 1 and channels == 3:
-            px = np.repeat(px, 3, axis=2)
-        planes.append(px.transpose(2, 0, 1))
-    x = np.ascontiguousarray(np.concatenate(planes, axis=0)[None], dtype=np.float32)
+    planes = [np.repeat(im.pixels, 3, axis=2) if im.pixels.shape[2] == 1 and channels == 3 else im.pixels
+              for im in images]
+    x = to_batch(np.concatenate(planes, axis=2))
     if task.pre_upsample:                # RealSR models restore a bicubic-upsampled LR image
         x = bicubic_upsample(x, task.scale)
     return x
@@ -131,7 +127,7 @@ def restore_array(model, x, tile=None, overlap=32, use_ensemble=False, progress=
 def from_model_output(y, like: Image, scale):
     """`(1, C', H', W')` -> `(H', W', C)` with the input's C channels (a colour output of a gray
     input is averaged, a gray output of an RGB input repeated); alpha resized if needed."""
-    out = y[0].transpose(1, 2, 0)
+    out = from_batch(y)
     if like.pixels.shape[2] == 1 and out.shape[2] == 3:
         out = out.mean(axis=2, keepdims=True)
     elif like.pixels.shape[2] == 3 and out.shape[2] == 1:

@@ -41,6 +41,7 @@ from skimage.io import imread
 from skimage.transform import rescale
 
 from eamamba_ref.evaluate import gray_8bit
+from eamamba_ref.metrics import psnr
 from eamamba_ref.torch_ref import build_from_args, save_official_checkpoint, set_scan_mode
 
 MAMBA = dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", disable_z_branch=False,
@@ -152,11 +153,6 @@ def gray_from_colour(model, colour_state_dict):
     model.load_state_dict(sd)
 
 
-def psnr(a, b):
-    mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - b) ** 2))
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
 def validate(task, model, val_images, crop=256, device="cpu"):
     """Mean PSNR of the model on centre crops of the validation images (fixed seed noise)."""
     rng = np.random.default_rng(1234)
@@ -172,7 +168,7 @@ def validate(task, model, val_images, crop=256, device="cpu"):
             else:
                 inp = degrade(task, hr, rng)[0]
             out = model(torch.from_numpy(inp).to(device)).cpu().numpy()
-            scores.append(psnr(out, hr))
+            scores.append(psnr(out, hr))        # clips the output to [0, 1], as the evaluation does
     return float(np.mean(scores))
 
 
