@@ -11,12 +11,12 @@ Rows, for every size (each in a child process of its own, so that its peak resid
   eamamba_ref, torch first        torch imported and used before the package (torch loads GNU
                                   OpenMP and its idle-thread policy before Numba starts)
   torch (<scan>)                  the PyTorch reference of the official architecture
-                                  (eamamba_ref.torch_ref) with the fastest pure-PyTorch CPU scan
+                                  (eamamba_ref.pytorch) with the fastest pure-PyTorch CPU scan
                                   found here: each candidate (the reference's chunked scan and an
                                   in-place chunked scan written for inference, several chunk
                                   lengths) is timed once on the first U-Net level's scan at this
                                   size, and the fastest runs the model (--torch-scan pins one)
-  torch + Numba scan              the same model with the Numba scan of eamamba_ref.torch_ext
+  torch + Numba scan              the same model with the Numba scan of eamamba_ref.pytorch.scan_function
 
 Every child runs one warm-up forward, then `--repeats` timed ones, *interleaved* between the rows
 (the children wait for their turn), so that a machine whose speed drifts over minutes slows all
@@ -91,10 +91,10 @@ def rss_mib():
 
 def build(checkpoint, seed):
     """(config, params) of the official denoising model, or of a checkpoint."""
-    from eamamba_ref.config import denoise_config
-    from eamamba_ref.model import init_params
+    from eamamba_ref.io.config import denoise_config
+    from eamamba_ref.reference.model import init_params
     if checkpoint:
-        from eamamba_ref.loading import load
+        from eamamba_ref.io.loading import load
         model = load(checkpoint)
         return model.config, model.params
     cfg = denoise_config()
@@ -189,7 +189,7 @@ def scan_inplace_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 def torch_scan_candidates():
     """name -> scan function (the signature of torch_ref.selective_scan)."""
     import functools
-    from eamamba_ref import torch_ref
+    from eamamba_ref import pytorch as torch_ref
     cands = {f"chunked T={T}": functools.partial(torch_ref.selective_scan, mode="chunked", chunk_size=T)
              for T in (32, 64, 128)}
     cands.update({f"in-place chunked T={T}": functools.partial(scan_inplace_chunked, chunk_size=T)
@@ -200,7 +200,7 @@ def torch_scan_candidates():
 def check_scan(fn):
     """fn against the reference's sequential scan on a small problem (relative error < 1e-5)."""
     import torch
-    from eamamba_ref import torch_ref
+    from eamamba_ref import pytorch as torch_ref
     g = torch.Generator().manual_seed(0)
     b, d, n, l, k = 1, 8, 16, 300, 4
     args = (torch.randn(b, d, l, generator=g), torch.randn(b, d, l, generator=g) - 1,
@@ -255,15 +255,15 @@ def child(impl, size, repeats, threads, checkpoint, seed, torch_scan=None):
     info = {}
     if impl in ("torch", "torch_numba"):
         import torch
-        from eamamba_ref import torch_ref
-        from eamamba_ref.torch_ref import mamba as torch_mamba
+        from eamamba_ref import pytorch as torch_ref
+        from eamamba_ref.pytorch import mamba as torch_mamba
         info["denormals_flushed_on_all_threads"] = flush_denormals_everywhere(threads)
         if impl == "torch":
             name, scan, times = pick_torch_scan(cfg, size, torch_scan)
             torch_mamba.selective_scan = scan             # the name the reference's MHSSM calls
             info.update(scan=name, scan_seconds=times)
         else:
-            from eamamba_ref import runtime
+            from eamamba_ref.runtime import threads as runtime
             info["numba_layer"] = runtime.start_numba_threads()   # the layer eamamba_ref would use
             torch_ref.set_scan_mode("numba")
         model = torch_ref.build_from_args(cfg.name, cfg.to_args()).eval()
@@ -275,9 +275,9 @@ def child(impl, size, repeats, threads, checkpoint, seed, torch_scan=None):
             with torch.no_grad():
                 return model(xt).numpy()
     else:
-        from eamamba_ref.model import EAMamba
+        from eamamba_ref.reference.model import EAMamba
         if impl == "unfused":           # the plain composition with the numba scan (before fusion)
-            from eamamba_ref import mhssm
+            from eamamba_ref.reference import mhssm
             mhssm._fused = lambda *args: False
         model = EAMamba(cfg, params)
 
@@ -466,8 +466,10 @@ def floor_seconds(prof, gemm_gflops, exp_ns):
 def stage_profile(cfg, params, size):
     """Seconds per stage of one eamamba_ref forward (after a warm-up), by wrapping the functions
     the model calls with timers; a stage's time excludes the stages nested in it."""
-    from eamamba_ref import cpu_kernels, layers, mhssm, model, scans, ssm
-    from eamamba_ref.ssm import fused
+    from eamamba_ref.kernels.cpu import norms as cpu_kernels
+    from eamamba_ref.reference import layers, mhssm, model, scans
+    from eamamba_ref.runtime import backends as ssm
+    from eamamba_ref.kernels.cpu import fused
     totals = {}
     stack = []
 
@@ -562,8 +564,8 @@ def main(argv=None):
         child(args.child, args.sizes[0], args.repeats, args.threads, args.checkpoint, args.seed, args.torch_scan)
         return 0
 
-    from eamamba_ref import profile as prof_mod
-    from eamamba_ref.ssm import get_default_backend
+    from eamamba_ref.apps import profile as prof_mod
+    from eamamba_ref.runtime.backends import get_default_backend
     cfg, params = build(args.checkpoint, args.seed)
     import importlib.util
     torch_installed = importlib.util.find_spec("torch") is not None     # (not imported here)

@@ -7,7 +7,7 @@ Shapes (level 1 of the U-Net, 256 x 256 = 65536 tokens, N = 16, 8 groups = 8 sca
 with delta_softplus, D and delta_bias as EAMamba calls it (z = None).
 
 Printed for each shape, side by side from one run: the time of every available backend of
-eamamba_ref.ssm, of a sequential torch loop and of a chunked torch scan (when torch is installed;
+eamamba_ref.runtime.backends, of a sequential torch loop and of a chunked torch scan (when torch is installed;
 torch gets as many threads as Numba and flushes denormals), with the nanoseconds per state
 update (B * D * L * N updates, one exp each). The NumPy reference and the sequential torch loop
 are timed on a shorter sequence and extrapolated linearly (their cost is linear in L). The
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from eamamba_ref import ssm
+from eamamba_ref.runtime import backends as ssm
 
 SHAPES = {"encoder level 1": 64, "decoder level 1": 128}
 

@@ -9,7 +9,7 @@ AdamW update, with torch on 2 threads and denormals flushed.
 
 The two scan modes of ``torch_ref`` are timed in the same run, on two copies of the same model:
 (a) 'chunked', autograd through the chunked pure-torch scan; (b) 'numba', the autograd Function
-of ``eamamba_ref.torch_ext``. Steps alternate a, b, a, b, ... so that load from other jobs on
+of ``eamamba_ref.pytorch.scan_function``. Steps alternate a, b, a, b, ... so that load from other jobs on
 the machine hits both alike; the median of the timed steps is reported. CPU time per step (all
 threads of this process) is printed too: on a shared machine it is less disturbed by other jobs.
 
@@ -26,8 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from eamamba_ref import torch_ref as tr
-from eamamba_ref.torch_ref import mamba as mamba_module
+from eamamba_ref import pytorch as tr
+from eamamba_ref.pytorch import mamba as mamba_module
 
 MODEL_ARGS = dict(
     inp_channels=3, out_channels=3, dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,

@@ -17,7 +17,7 @@
    other layer kinds ('add' merge, zigzag, 1-D conv, GDFN, CCA, BiasFree, Hilbert).
 4. Speed: median wall time of whole forwards of the official denoising model (random weights, dim 64,
    blocks [4, 6, 6, 7]) at 256x256 and 1024x1024 (upload and download included, after a warm-up run
-   that compiles the kernels), and the same for the PyTorch reference (eamamba_ref.torch_ref, chunked
+   that compiles the kernels), and the same for the PyTorch reference (eamamba_ref.pytorch, chunked
    scan, TF32 off) on the same GPU when torch sees it, with the agreement of the two outputs at the
    first size. The tiled and plain GEMM kernels are timed on one level-1 convolution's product.
    Timings that would overrun --budget-s are skipped and say so.
@@ -176,10 +176,11 @@ def environment(report, args):
 def kernel_checks(report, tiny):
     import numpy as np
 
-    from eamamba_ref import layers, scans, ssm
-    from eamamba_ref.gpu import DeviceTensor
-    from eamamba_ref.gpu import kernels as K
-    from eamamba_ref.gpu import tensor as T
+    from eamamba_ref.reference import layers, scans
+    from eamamba_ref.runtime import backends as ssm
+    from eamamba_ref.kernels.cuda import DeviceTensor
+    from eamamba_ref.kernels.cuda import kernels as K
+    from eamamba_ref.kernels.cuda import tensor as T
     from bench_scan import make_inputs
 
     rng = np.random.default_rng(0)
@@ -271,7 +272,7 @@ def kernel_checks(report, tiny):
 
 # ------------------------------------------------------------------------------ 3. whole model
 def model_configs(tiny):
-    from eamamba_ref.config import ModelConfig, denoise_config
+    from eamamba_ref.io.config import ModelConfig, denoise_config
     mamba = dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_state=4, d_conv=3,
                  expand=2, conv_2d=True)
     sr = ModelConfig.from_args("eamambasr", dict(
@@ -290,7 +291,7 @@ def model_configs(tiny):
 def model_checks(report, tiny):
     import numpy as np
 
-    from eamamba_ref.model import EAMamba, init_params
+    from eamamba_ref.reference.model import EAMamba, init_params
     print("whole model, backend 'cuda' vs 'numpy' (same weights):", flush=True)
     for name, cfg, shape in model_configs(tiny):
         try:
@@ -323,8 +324,8 @@ def gemm_timing(report, tiny):
     import numpy as np
     from numba import cuda
 
-    from eamamba_ref.gpu import DeviceTensor
-    from eamamba_ref.gpu import kernels as K
+    from eamamba_ref.kernels.cuda import DeviceTensor
+    from eamamba_ref.kernels.cuda import kernels as K
     rng = np.random.default_rng(5)
     m, k, n = (16, 20, 40) if tiny else (64, 576, 65536)
     a = DeviceTensor.from_host(rng.standard_normal((1, m, k)).astype(np.float32))
@@ -349,7 +350,7 @@ def torch_gpu_runner(cfg, params, tiny):
     try:
         import torch
 
-        from eamamba_ref import torch_ref
+        from eamamba_ref import pytorch as torch_ref
     except Exception as exc:  # noqa: BLE001 - torch missing or broken: timings without it
         return None, f"torch unavailable ({type(exc).__name__}: {exc})"
     device = "cuda" if torch.cuda.is_available() else ("cpu" if tiny else None)
@@ -389,8 +390,8 @@ def timings(report, args, deadline):
     import numpy as np
     from numba import cuda
 
-    from eamamba_ref.config import denoise_config
-    from eamamba_ref.model import EAMamba, init_params
+    from eamamba_ref.io.config import denoise_config
+    from eamamba_ref.reference.model import EAMamba, init_params
     if args.tiny:
         cfg, sizes = model_configs(True)[0][1], args.sizes or [4]
     else:
@@ -460,7 +461,7 @@ def timings(report, args, deadline):
 
 # ---------------------------------------------------------------------------------------- main
 def set_poison(on):
-    from eamamba_ref.ssm import gpu as gpu_scan
+    from eamamba_ref.kernels.cuda import scan as gpu_scan
     gpu_scan.POISON_OUTPUTS = on
 
 

@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eamamba_ref  # noqa: E402  (before NumPy: OpenBLAS's idle threads sleep)
 import numpy as np  # noqa: E402
 
-from eamamba_ref import inference, restore  # noqa: E402
-from eamamba_ref.images import read_image  # noqa: E402
+from eamamba_ref.apps import inference, restore  # noqa: E402
+from eamamba_ref.io.images import read_image  # noqa: E402
 
 WEIGHTS = os.path.join(os.path.dirname(eamamba_ref.__file__), "weights", "denoise_demo.npz")
 

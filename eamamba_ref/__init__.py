@@ -5,7 +5,7 @@
     y = model(x)                                      # x: float32 (B, 3, H, W)
 
     eamamba_ref.selective_scan(u, delta, A, B, C, ...)   # the SSM kernel (numpy | numba | cuda)
-    eamamba_ref.scans.all_around(x, (H, W), "diagonal", 8, "concate")
+    eamamba_ref.reference.scans.all_around(x, (H, W), "diagonal", 8, "concate")
 """
 
 __version__ = "0.1.0"
@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 # Importing the package changes nothing in the process (no environment variables, no library
 # settings): threads are owned at run time, while a forward pass runs, by `runtime`.
 
-from . import scans
-from .config import ConfigError, MambaConfig, ModelConfig
-from .loading import load
-from .model import EAMamba
-from .ssm import selective_scan
+from eamamba_ref.reference import scans
+from eamamba_ref.io.config import ConfigError, MambaConfig, ModelConfig
+from eamamba_ref.io.loading import load
+from eamamba_ref.reference.model import EAMamba
+from eamamba_ref.runtime.backends import selective_scan
 
 __all__ = ["scans", "selective_scan", "load", "EAMamba", "ModelConfig", "MambaConfig", "ConfigError"]

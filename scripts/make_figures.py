@@ -30,7 +30,7 @@ FIGURES = ("scans", "diagrams", "forgetting", "restoration")
 
 # ------------------------------------------------------------------------------------ scans
 def figures_scans(out):
-    from eamamba_ref import draw
+    from eamamba_ref.apps import draw
     yield draw.figure_orderings((8, 8)), os.path.join(out, "scan_orderings.png")
     yield draw.figure_directions("diagonal", 8, (8, 8)), os.path.join(out, "scan_directions_diagonal8.png")
 
@@ -145,9 +145,9 @@ def figures_diagrams(out):
 # ------------------------------------------------------------------------------- the models
 def demo_model(weights):
     """(model, True) from the demo weights, or (random model of the demo architecture, False)."""
-    from eamamba_ref.config import ModelConfig
-    from eamamba_ref.loading import load
-    from eamamba_ref.model import EAMamba, init_params
+    from eamamba_ref.io.config import ModelConfig
+    from eamamba_ref.io.loading import load
+    from eamamba_ref.reference.model import EAMamba, init_params
     if os.path.exists(weights):
         return load(weights), True
     cfg = ModelConfig.from_args("eamamba", dict(
@@ -159,8 +159,8 @@ def demo_model(weights):
 
 
 def sample_image():
-    from eamamba_ref.images import read_image
-    from eamamba_ref.restore import SAMPLE
+    from eamamba_ref.io.images import read_image
+    from eamamba_ref.apps.restore import SAMPLE
     return read_image(SAMPLE).pixels                       # (256, 256, 3) float32 in [0, 1]
 
 
@@ -176,9 +176,9 @@ def scan_influence_map(model, image, scan_type, scan_count, block="encoder_level
     configuration (Delta, B, C of a pixel do not depend on the ordering, only the path does).
     Closed form of one scan row (diagonal A): M[t, s] = sum_n C_t[n] exp(sum_{s<r<=t} Delta_r A_n) Delta_s B_s[n].
     """
-    from eamamba_ref import layers, scans
-    from eamamba_ref.mhssm import depthwise_conv
-    from eamamba_ref.model import conv, norm, sub
+    from eamamba_ref.reference import layers, scans
+    from eamamba_ref.reference.mhssm import depthwise_conv
+    from eamamba_ref.reference.model import conv, norm, sub
     P, mcfg = model.params, model.config.mamba
     H, W = image.shape[:2]
     x = np.ascontiguousarray(image.transpose(2, 0, 1)[None])
@@ -230,8 +230,8 @@ def figures_forgetting(out, weights):
 # ----------------------------------------------------------------------------- restoration
 def figures_restoration(out, weights):
     import matplotlib.pyplot as plt
-    from eamamba_ref import inference
-    from eamamba_ref.metrics import psnr
+    from eamamba_ref.apps import inference
+    from eamamba_ref.apps.metrics import psnr
     model, trained = demo_model(weights)
     if not trained:
         print(f"skipped denoise_before_after.png: no demo weights at {weights}")
@@ -252,7 +252,7 @@ def figures_restoration(out, weights):
 
 # ------------------------------------------------------------------------------------ main
 def main(argv=None):
-    from eamamba_ref.tasks import TASKS
+    from eamamba_ref.apps.tasks import TASKS
     ap = argparse.ArgumentParser(prog="python scripts/make_figures.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "figures"), help="folder to write (default docs/figures)")
     ap.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES), help="which figures")
@@ -263,7 +263,7 @@ def main(argv=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from eamamba_ref.draw import save_figure
+    from eamamba_ref.apps.draw import save_figure
 
     os.makedirs(args.out, exist_ok=True)
     umask = os.umask(0)

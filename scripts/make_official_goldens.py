@@ -4,7 +4,7 @@
 
 DIR is a checkout of the official code (github daidaijr/EAMamba); it is imported from there and
 nothing of it is copied. It needs torch, einops and numpy-hilbert-curve; mamba_ssm's CUDA selective
-scan is replaced by this project's pure-torch one (`eamamba_ref.torch_ref.selective_scan`, run
+scan is replaced by this project's pure-torch one (`eamamba_ref.pytorch.selective_scan`, run
 step by step, i.e. `selective_scan_ref`'s loop), injected as a stand-in `mamba_ssm` module before
 the official model files are imported. Everything runs on the CPU in float32.
 
@@ -18,7 +18,7 @@ the official `test.py` evaluates. Written under OUT/<case>/:
                      except `output.weight` / `conv_last.weight`, so the raw weights give a different
                      output and the file stays small)
     weights.npz      'sd_e' as plain arrays under the official names (the converted format of
-                     eamamba_ref.checkpoint: np.load(allow_pickle=False) reads it)
+                     eamamba_ref.io.checkpoint: np.load(allow_pickle=False) reads it)
     io.npz           x0, y0[, x1, y1]: float32 inputs (B, C, H, W) and the official outputs
     trace.npz        (some cases) every named module output of the official model on the last
                      input, in the format of `python -m eamamba_ref.oracle`
@@ -43,9 +43,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from eamamba_ref import oracle  # noqa: E402
-from eamamba_ref.checkpoint import save_converted  # noqa: E402
-from eamamba_ref.torch_ref.selective_scan import selective_scan  # noqa: E402
+from eamamba_ref.apps import oracle  # noqa: E402
+from eamamba_ref.io.checkpoint import save_converted  # noqa: E402
+from eamamba_ref.pytorch.selective_scan import selective_scan  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The cases
@@ -316,7 +316,7 @@ def main(argv=None):
         "official": {"repository": "github.com/daidaijr/EAMamba",
                      "commit": official_commit(args.official, args.commit)},
         "generator": "scripts/make_official_goldens.py",
-        "selective_scan": "eamamba_ref.torch_ref.selective_scan, mode 'sequential' (stand-in for mamba_ssm)",
+        "selective_scan": "eamamba_ref.pytorch.selective_scan, mode 'sequential' (stand-in for mamba_ssm)",
         "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
         "device": "cpu", "dtype": "float32",
         "cases": entries,

@@ -9,7 +9,7 @@ import ctypes
 import numpy as np
 import pytest
 
-from eamamba_ref import allocator
+from eamamba_ref.runtime import allocator
 
 
 class _MallInfo2(ctypes.Structure):

@@ -32,7 +32,7 @@ def test_every_candidate_scan_matches_the_sequential_reference():
 
 def test_a_wrong_scan_is_caught():
     out = _run("import bench_model as b, functools\n"
-               "from eamamba_ref import torch_ref\n"
+               "from eamamba_ref import pytorch as torch_ref\n"
                "bad = lambda *a, **k: 1.001 * torch_ref.selective_scan(*a, mode='sequential', **k)\n"
                "try:\n    b.check_scan(bad)\nexcept AssertionError:\n    print('caught')")
     assert out[-1] == "caught"

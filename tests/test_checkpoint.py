@@ -1,4 +1,4 @@
-"""Tests for eamamba_ref.pth_reader / eamamba_ref.checkpoint.
+"""Tests for eamamba_ref.io.pth_reader / eamamba_ref.io.checkpoint.
 
 Golden values come from torch itself (torch.save + torch.load(weights_only=True)) or, in the tests
 that run without torch, from hand-assembled pickles whose expected tensors are worked out by hand.
@@ -17,16 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eamamba_ref import pth_reader
-from eamamba_ref.checkpoint import (
-    HEADER_KEY,
-    CheckpointError,
-    CheckpointExistsError,
-    load_converted,
-    load_state,
-    save_converted,
-)
-from eamamba_ref.pth_reader import LazyTensor, materialize, read_pth
+from eamamba_ref.io import pth_reader
+from eamamba_ref.io.checkpoint import (HEADER_KEY, CheckpointError, CheckpointExistsError,
+                                       load_converted, load_state, save_converted)
+from eamamba_ref.io.pth_reader import LazyTensor, materialize, read_pth
 
 # --------------------------------------------------------------------------------------------------
 # Hand-assembled pickles (protocol 2 opcodes), so the format and the attacks need no torch.
@@ -469,7 +463,7 @@ def test_property_converted_entries_read_like_numpy(dtype, shape, fortran, seed)
 
 
 def test_brief_is_bounded():
-    from eamamba_ref.untrusted import brief
+    from eamamba_ref.io.untrusted import brief
     t = ()
     for _ in range(200):
         t = (t, t)                                         # repr would take 2**200 steps

@@ -4,7 +4,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eamamba_ref import cpu_kernels, layers
+from eamamba_ref.kernels.cpu import norms as cpu_kernels
+from eamamba_ref.reference import layers
 
 
 @settings(max_examples=25, deadline=None)
@@ -30,7 +31,7 @@ def test_layer_norm_channels_matches_numpy_and_float64(B, C, H, W, with_bias, of
 
 
 def test_model_uses_it_only_with_the_numba_backend(monkeypatch):
-    from eamamba_ref import ops
+    from eamamba_ref.runtime import ops
 
     calls = []
     monkeypatch.setattr(cpu_kernels, "layer_norm_channels", lambda *a: calls.append(1) or layers.layer_norm_channels(*a))
@@ -48,7 +49,8 @@ def test_ffn_in_row_strips_equals_the_whole_map(B, C, H, W, pixels, mixer, seed)
     """ops.by_row_strips (the FFN's memory bound) gives fn(x): ragged last strips, one-row strips
     (pixels < W), no strips at all (pixels >= H*W), channel counts that change. Not bit for bit:
     BLAS sums in a different order for a different number of columns."""
-    from eamamba_ref import model, ops
+    from eamamba_ref.reference import model
+    from eamamba_ref.runtime import ops
     rng = np.random.default_rng(seed)
     hidden = 2 * C
     p = {"project_in.weight": rng.standard_normal((hidden, C, 1, 1)).astype(np.float32),

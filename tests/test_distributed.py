@@ -13,8 +13,8 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("distributed")
 tifffile = pytest.importorskip("tifffile")
 
-from eamamba_ref import distributed as dist, inference, pipeline, restore  # noqa: E402
-from eamamba_ref.images import ImageError, read_image, write_image  # noqa: E402
+from eamamba_ref.apps import distributed as dist, inference, pipeline, restore  # noqa: E402
+from eamamba_ref.io.images import ImageError, read_image, write_image  # noqa: E402
 
 from test_restore import files_in, image, umask_mode, write_model  # noqa: E402
 
@@ -168,7 +168,7 @@ def test_folder_and_cluster_requests_fail_with_one_line_before_the_cluster_start
 
 
 def test_an_unwritable_out_folder_is_one_line_before_the_cluster_starts(tmp_path, unet, capsys, monkeypatch):
-    from eamamba_ref import atomic
+    from eamamba_ref.io import atomic
     from test_restore import read_only_folder
     folder = make_folder(tmp_path / "in", corrupt=False)
     monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only_folder)      # as on a read-only mount

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from eamamba_ref import draw
+from eamamba_ref.apps import draw
 
 
 def test_cli_writes_pngs_and_refuses_to_overwrite(tmp_path, capsys):

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from numba import njit
 from numba.core.errors import TypingError
 
-from eamamba_ref.ssm.fastexp import decay_exp2, fexp, silu, softplus
-from eamamba_ref.ssm.prefetch import prefetch, prefetch_write
+from eamamba_ref.kernels.cpu.fastexp import decay_exp2, fexp, silu, softplus
+from eamamba_ref.kernels.cpu.prefetch import prefetch, prefetch_write
 
 f32 = np.float32
 

@@ -1,4 +1,4 @@
-"""The fused Numba path of the MHSSM (eamamba_ref.ssm.fused) against the plain NumPy composition.
+"""The fused Numba path of the MHSSM (eamamba_ref.kernels.cpu.fused) against the plain NumPy composition.
 
 Golden values: the 'numpy' backend (the readable specification: all_around -> projections ->
 reference scan -> restore), which test_mhssm.py checks against float64 and torch. Tolerance
@@ -9,11 +9,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eamamba_ref import layers, mhssm as mhssm_module
-from eamamba_ref.config import MambaConfig, ModelConfig
-from eamamba_ref.mhssm import mhssm, mhssm_parameter_shapes
-from eamamba_ref.model import EAMamba, init_params
-from eamamba_ref.ssm import fused
+from eamamba_ref.reference import layers, mhssm as mhssm_module
+from eamamba_ref.io.config import MambaConfig, ModelConfig
+from eamamba_ref.reference.mhssm import mhssm, mhssm_parameter_shapes
+from eamamba_ref.reference.model import EAMamba, init_params
+from eamamba_ref.kernels.cpu import fused
 
 
 def rel_err(a, b):

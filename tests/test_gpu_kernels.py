@@ -37,10 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import json
     import numpy as np
-    from eamamba_ref import layers, scans, ssm
-    from eamamba_ref.gpu import DeviceTensor
-    from eamamba_ref.gpu import kernels as K, tensor as T
-    from eamamba_ref.ssm import gpu as gpu_scan
+    from eamamba_ref.reference import layers, scans
+    from eamamba_ref.runtime import backends as ssm
+    from eamamba_ref.kernels.cuda import DeviceTensor
+    from eamamba_ref.kernels.cuda import kernels as K, tensor as T
+    from eamamba_ref.kernels.cuda import scan as gpu_scan
     from tests.test_selective_scan import make_problem, scaled_error
 
     gpu_scan.POISON_OUTPUTS = True      # outputs start as NaN: an element left unwritten fails
@@ -251,7 +252,8 @@ def test_ops_looks_up_cpu_functions_at_call_time(monkeypatch):
     """bench_model.py's per-stage profile wraps `layers.conv2d` & co.; the dispatcher must see that."""
     import numpy as np
 
-    from eamamba_ref import layers, ops
+    from eamamba_ref.reference import layers
+    from eamamba_ref.runtime import ops
 
     calls = []
     original = layers.conv2d
@@ -271,7 +273,7 @@ def test_uploads_have_canonical_strides_so_real_device_reshapes_work():
     script = textwrap.dedent("""
         import json
         import numpy as np
-        from eamamba_ref.gpu.tensor import DeviceTensor
+        from eamamba_ref.kernels.cuda.tensor import DeviceTensor
         g = np.arange(24, dtype=np.float32)
         uploads = (g[:, None, None], g[None, :, None, None], g.reshape(4, 6)[:, :1], np.float32(3.0)[None])
         print(json.dumps([[DeviceTensor.from_host(h).data.shape, DeviceTensor.from_host(h).data.strides]

@@ -1,4 +1,4 @@
-"""The whole-model GPU path (`eamamba_ref.gpu`) against the NumPy forward pass.
+"""The whole-model GPU path (`eamamba_ref.kernels.cuda`) against the NumPy forward pass.
 
 Run on numba's CUDA simulator in CI (NUMBA_ENABLE_CUDASIM=1 is set for this module's subprocess,
 so the rest of the suite keeps the real numba.cuda), and on a GPU by benchmarks/gpu_check.py.
@@ -21,10 +21,10 @@ pytest.importorskip("numba.cuda")
 SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from eamamba_ref.config import ModelConfig
-    from eamamba_ref.model import EAMamba, init_params
-    from eamamba_ref.gpu import kernels as K
-    from eamamba_ref.ssm import gpu as gpu_scan
+    from eamamba_ref.io.config import ModelConfig
+    from eamamba_ref.reference.model import EAMamba, init_params
+    from eamamba_ref.kernels.cuda import kernels as K
+    from eamamba_ref.kernels.cuda import scan as gpu_scan
 
     gpu_scan.POISON_OUTPUTS = True      # outputs start as NaN: an element left unwritten fails
 
@@ -117,7 +117,8 @@ def test_gpu_check_script_rehearses_on_the_simulator(tmp_path):
 def test_cuda_is_the_default_only_on_a_real_gpu(monkeypatch):
     """restore/evaluate run the whole model on the GPU where numba-cuda sees one, never in the
     simulator and never without one; the scan function's own default stays 'numba'."""
-    from eamamba_ref import restore, ssm
+    from eamamba_ref.apps import restore
+    from eamamba_ref.runtime import backends as ssm
 
     monkeypatch.delenv("EAMAMBA_BACKEND", raising=False)
     monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)

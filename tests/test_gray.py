@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from eamamba_ref import restore, tasks
-from eamamba_ref.checkpoint import save_converted
-from eamamba_ref.config import ModelConfig
-from eamamba_ref.images import read_image, write_image
-from eamamba_ref.model import EAMamba, init_params
+from eamamba_ref.apps import restore, tasks
+from eamamba_ref.io.checkpoint import save_converted
+from eamamba_ref.io.config import ModelConfig
+from eamamba_ref.io.images import read_image, write_image
+from eamamba_ref.reference.model import EAMamba, init_params
 
 ARGS = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, ffn_expansion_factor=2, bias=False,
             layernorm_type="WithBias", channel_mixer_type="Simple",

@@ -20,7 +20,7 @@ import pytest
 from pth_files import (ARGS, T, deflated_zeros, npy_header, official, p_int, tiny_params, write_npz,
                        write_pth)
 
-from eamamba_ref.checkpoint import HEADER_KEY
+from eamamba_ref.io.checkpoint import HEADER_KEY
 
 if not hasattr(os, "fork"):                       # the children are forked and rlimit'ed: POSIX only
     pytest.skip("needs os.fork and resource limits (POSIX)", allow_module_level=True)
@@ -212,22 +212,22 @@ CASES = {
 # so forking is safe), address space limited, each entry point's rc and stderr written to a file.
 DRIVER = r"""
 import contextlib, io, json, os, resource, sys, time, traceback
-import eamamba_ref.loading, eamamba_ref.checkpoint, eamamba_ref.convert, eamamba_ref.restore
-from eamamba_ref.checkpoint import CheckpointError
-eamamba_ref.restore.default_backend()           # import what the backend probe imports, before forking
+import eamamba_ref.io.loading, eamamba_ref.checkpoint, eamamba_ref.convert, eamamba_ref.restore
+from eamamba_ref.io.checkpoint import CheckpointError
+eamamba_ref.apps.restore.default_backend()           # import what the backend probe imports, before forking
 cases, limit, timeout, out = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 
 def run(entry, path, work):
     if entry in ("load", "load_state"):
         try:
-            (eamamba_ref.loading.load if entry == "load" else eamamba_ref.checkpoint.load_state)(path)
+            (eamamba_ref.io.loading.load if entry == "load" else eamamba_ref.io.checkpoint.load_state)(path)
             return 0
         except CheckpointError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     if entry == "convert":
-        return eamamba_ref.convert.main([path, os.path.join(work, "converted.npz")])
-    return eamamba_ref.restore.main(["--weights", path, "--task", "denoise", "-o", work])
+        return eamamba_ref.apps.convert.main([path, os.path.join(work, "converted.npz")])
+    return eamamba_ref.apps.restore.main(["--weights", path, "--task", "denoise", "-o", work])
 
 results = {}
 for name, path, entries in cases:
@@ -308,8 +308,8 @@ def test_hostile_checkpoint_is_one_line_error(outcomes, name):
 
 def test_the_builders_make_valid_files_when_not_tampered_with(tmp_path):
     """The same writers without the attack give files that load: each case fails for its attack."""
-    from eamamba_ref.checkpoint import load_state
-    from eamamba_ref.loading import load
+    from eamamba_ref.io.checkpoint import load_state
+    from eamamba_ref.io.loading import load
     params = tiny_params()
     for path in (write_pth(tmp_path / "ok.pth", official()), write_npz(tmp_path / "ok.npz")):
         model = load(path)

@@ -13,9 +13,9 @@ import pytest
 import tifffile
 from PIL import Image as PILImage, ImageOps
 
-from eamamba_ref import pipeline, restore
-from eamamba_ref.images import (MAX_PIXELS, ImageError, check_output, from_batch, is_gray, orient, read_image,
-                                to_batch, write_image)
+from eamamba_ref.apps import pipeline, restore
+from eamamba_ref.io.images import (MAX_PIXELS, ImageError, check_output, from_batch, is_gray,
+                                   orient, read_image, to_batch, write_image)
 
 
 def one_line_error(path, match, **kw):
@@ -330,7 +330,7 @@ def test_the_command_refuses_a_bad_output_before_computing(tmp_path, capsys, mon
 
 # ------------------------------------------------ the chunked reader (images larger than memory)
 def test_chunked_tiff_reader_follows_the_same_page_rule_and_refuses_what_it_cannot_restore(tmp_path):
-    from eamamba_ref.distributed import TiffRegions
+    from eamamba_ref.apps.distributed import TiffRegions
     rgb = rgb_pattern(8, 8)
     with tifffile.TiffWriter(tmp_path / "thumb_first.tif") as w:      # a thumbnail page, then the image
         w.write(rgb[::4, ::4], photometric="rgb", subfiletype=1)

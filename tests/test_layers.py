@@ -1,4 +1,4 @@
-"""Tests of eamamba_ref.layers.
+"""Tests of eamamba_ref.reference.layers.
 
 Golden values come from PyTorch (CPU, float32) or from the official formulas evaluated in float64
 NumPy. Error measure unless stated otherwise: ``max|ours - ref| / max|ref|`` (relative to the
@@ -10,23 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eamamba_ref import layers
-from eamamba_ref.layers import (
-    adaptive_avg_pool_1,
-    bicubic_upsample,
-    conv2d,
-    gelu,
-    layer_norm,
-    layer_norm_channels,
-    leaky_relu,
-    linear,
-    pixel_shuffle,
-    pixel_unshuffle,
-    relu,
-    sigmoid,
-    silu,
-    softplus,
-)
+from eamamba_ref.reference import layers
+from eamamba_ref.reference.layers import (adaptive_avg_pool_1, bicubic_upsample, conv2d, gelu,
+                                          layer_norm, layer_norm_channels, leaky_relu, linear,
+                                          pixel_shuffle, pixel_unshuffle, relu, sigmoid, silu,
+                                          softplus)
 
 try:
     import torch

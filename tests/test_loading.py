@@ -8,13 +8,13 @@ Tolerance as in test_model.py: relative error <= 1e-4.
 import numpy as np
 import pytest
 
-from eamamba_ref import convert
-from eamamba_ref.checkpoint import CheckpointError, load_converted
-from eamamba_ref.config import ModelConfig
-from eamamba_ref.loading import infer_config, load
+from eamamba_ref.apps import convert
+from eamamba_ref.io.checkpoint import CheckpointError, load_converted
+from eamamba_ref.io.config import ModelConfig
+from eamamba_ref.io.loading import infer_config, load
 
 torch = pytest.importorskip("torch")
-torch_ref = pytest.importorskip("eamamba_ref.torch_ref")
+torch_ref = pytest.importorskip("eamamba_ref.pytorch")
 
 ARGS = dict(inp_channels=3, out_channels=3, dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
             ffn_expansion_factor=2, bias=False, LayerNorm_type="WithBias", channel_mixer_type="Simple",

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy.signal import correlate2d
 
-from eamamba_ref import evaluate, metrics
-from eamamba_ref.checkpoint import save_converted
-from eamamba_ref.config import ModelConfig
-from eamamba_ref.images import write_image
-from eamamba_ref.model import init_params
+from eamamba_ref.apps import evaluate, metrics
+from eamamba_ref.io.checkpoint import save_converted
+from eamamba_ref.io.config import ModelConfig
+from eamamba_ref.io.images import write_image
+from eamamba_ref.reference.model import init_params
 
 
 def official_ssim(pred, gt):

@@ -1,9 +1,9 @@
-"""MHSSM (eamamba_ref.mhssm) against independent evaluations.
+"""MHSSM (eamamba_ref.reference.mhssm) against independent evaluations.
 
 1. A float64 NumPy composition written here from the official ExtendedMamba.forward: tokens
    `(B, L, C)`, the official einsums, the official tensor_reorder steps (split / transpose or flip /
    reverse / index) done literally, and a sequential float64 selective scan.
-2. When torch is installed, the PyTorch reference module (eamamba_ref.torch_ref, itself checked
+2. When torch is installed, the PyTorch reference module (eamamba_ref.pytorch, itself checked
    against the official code) with its own random initialisation.
 
 Tolerance: relative error max|a - b| / max|b| <= 2e-5 against float64 (float32 accumulation over
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eamamba_ref import scans
-from eamamba_ref.config import RELEASED_MAMBA, MambaConfig
-from eamamba_ref.mhssm import mhssm, mhssm_parameter_shapes
+from eamamba_ref.reference import scans
+from eamamba_ref.io.config import RELEASED_MAMBA, MambaConfig
+from eamamba_ref.reference.mhssm import mhssm, mhssm_parameter_shapes
 
 
 def rel_err(a, b):
@@ -194,7 +194,7 @@ def test_mhssm_backends_agree(backend):
 
 def test_mhssm_matches_pytorch_reference():
     torch = pytest.importorskip("torch")
-    torch_ref = pytest.importorskip("eamamba_ref.torch_ref")
+    torch_ref = pytest.importorskip("eamamba_ref.pytorch")
     for scan_type, K, merge, conv_2d in [("diagonal", 8, "concate", True), ("hilbert", 4, "add", False),
                                          (None, 2, "concate", True), ("zigzag", 4, "concate", True)]:
         cfg = MambaConfig(scan_type=scan_type, scan_count=K, scan_merge_method=merge, d_state=16,

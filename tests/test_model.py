@@ -1,4 +1,4 @@
-"""The whole network (eamamba_ref.model) against the PyTorch reference (eamamba_ref.torch_ref).
+"""The whole network (eamamba_ref.reference.model) against the PyTorch reference (eamamba_ref.pytorch).
 
 The reference is an independent torch implementation of the official modules (same state-dict
 names), itself checked against the official code; here it builds each configuration with the
@@ -11,11 +11,11 @@ scan), ~1e-6 per layer, growing through ~10-20 residual layers of tiny models.
 import numpy as np
 import pytest
 
-from eamamba_ref.config import ConfigError, ModelConfig
-from eamamba_ref.model import EAMamba, init_params, parameter_shapes
+from eamamba_ref.io.config import ConfigError, ModelConfig
+from eamamba_ref.reference.model import EAMamba, init_params, parameter_shapes
 
 torch = pytest.importorskip("torch")
-torch_ref = pytest.importorskip("eamamba_ref.torch_ref")
+torch_ref = pytest.importorskip("eamamba_ref.pytorch")
 
 
 def rel_err(a, b):

@@ -7,7 +7,7 @@ initial values), inputs and the official outputs. Checked, case by case:
 - the NumPy and Numba backends, loading the checkpoint with the torch-free loader:
   max |ours - official| <= 5e-5 * max |official|  (measured: numpy <= 2.8e-6, numba <= 4.1e-6;
   z-order needs the official tie order: with a stable sort its cases err by up to 2e-3);
-- the PyTorch reference (`eamamba_ref.torch_ref`), loading it with torch: <= 1e-5 (measured <= 1.7e-6);
+- the PyTorch reference (`eamamba_ref.pytorch`), loading it with torch: <= 1e-5 (measured <= 1.7e-6);
 - the official scan permutations (every scan type x count, 54 grids): exactly;
 - two per-layer traces of the official model: layer by layer, <= 5e-5 (measured <= 2.2e-6).
 
@@ -20,9 +20,10 @@ import os
 import numpy as np
 import pytest
 
-from eamamba_ref import oracle, scans
-from eamamba_ref.checkpoint import load_state
-from eamamba_ref.loading import load
+from eamamba_ref.apps import oracle
+from eamamba_ref.reference import scans
+from eamamba_ref.io.checkpoint import load_state
+from eamamba_ref.io.loading import load
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 with open(os.path.join(GOLDEN, "manifest.json")) as _f:
@@ -69,7 +70,7 @@ def test_backend_matches_official(case, backend):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_torch_ref_matches_official(case):
     torch = pytest.importorskip("torch")
-    from eamamba_ref.torch_ref import load_official_checkpoint
+    from eamamba_ref.pytorch import load_official_checkpoint
 
     model = load_official_checkpoint(path(case, "checkpoint.pth"))
     with torch.no_grad():

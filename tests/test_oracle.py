@@ -7,13 +7,14 @@ import os
 import numpy as np
 import pytest
 
-from eamamba_ref import oracle, ops, ssm, trace
-from eamamba_ref.ssm import fused
-from eamamba_ref.tasks import WEIGHTS_DIR
-from eamamba_ref.checkpoint import save_converted
-from eamamba_ref.config import ModelConfig
-from eamamba_ref.loading import load
-from eamamba_ref.model import init_params
+from eamamba_ref.apps import oracle
+from eamamba_ref.runtime import ops, backends as ssm, trace
+from eamamba_ref.kernels.cpu import fused
+from eamamba_ref.apps.tasks import WEIGHTS_DIR
+from eamamba_ref.io.checkpoint import save_converted
+from eamamba_ref.io.config import ModelConfig
+from eamamba_ref.io.loading import load
+from eamamba_ref.reference.model import init_params
 
 ARGS = dict(dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
             mamba_cfg=dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_state=4,
@@ -159,7 +160,7 @@ def test_a_stage_computed_in_row_strips_is_recorded_whole():
     x = rng.standard_normal((2, 3, 7, 4)).astype(np.float32)
 
     def fn(strip):
-        from eamamba_ref.model import conv
+        from eamamba_ref.reference.model import conv
         return conv(p, "w", strip) * 2
     with trace.recording() as rec:
         out = ops.by_row_strips(fn, x, pixels=8)                  # strips of 2 rows: 4 calls
@@ -215,7 +216,7 @@ def test_compare_reports_names_found_in_one_file_only(tmp_path, capsys):
 def test_run_never_overwrites_and_writes_ordinary_files(weights, tmp_path, capsys):
     import os
 
-    from eamamba_ref.images import write_image
+    from eamamba_ref.io.images import write_image
     png = tmp_path / "p.png"
     write_image(png, np.full((8, 8, 3), 0.5), 8)
     original = png.read_bytes()

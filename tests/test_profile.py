@@ -1,4 +1,4 @@
-"""The analytic FLOPs/params profiler (eamamba_ref.profile).
+"""The analytic FLOPs/params profiler (eamamba_ref.apps.profile).
 
 Golden values: parameter counts from `model.parameter_shapes` (the official state-dict shapes,
 themselves checked against the torch reference in test_model.py), hand-worked MAC counts of small
@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from eamamba_ref import profile as P
-from eamamba_ref.config import ConfigError, ModelConfig
-from eamamba_ref.model import parameter_shapes
+from eamamba_ref.apps import profile as P
+from eamamba_ref.io.config import ConfigError, ModelConfig
+from eamamba_ref.reference.model import parameter_shapes
 
 
 def tiny_args(**over):
@@ -166,8 +166,8 @@ model:
     jpath.write_text(tiny.to_json())
     assert P.resolve_config(str(jpath)) == tiny
 
-    from eamamba_ref.checkpoint import save_converted
-    from eamamba_ref.model import init_params
+    from eamamba_ref.io.checkpoint import save_converted
+    from eamamba_ref.reference.model import init_params
     npz = tmp_path / "tiny.npz"
     save_converted(str(npz), tiny.name, tiny.to_args(), init_params(tiny))
     assert P.resolve_config(str(npz)) == tiny

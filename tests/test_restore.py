@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eamamba_ref import inference, pipeline, restore
-from eamamba_ref.checkpoint import save_converted
-from eamamba_ref.config import ModelConfig
-from eamamba_ref.images import ImageError, read_image, write_image
-from eamamba_ref.model import EAMamba, init_params
+from eamamba_ref.apps import inference, pipeline, restore
+from eamamba_ref.io.checkpoint import save_converted
+from eamamba_ref.io.config import ModelConfig
+from eamamba_ref.io.images import ImageError, read_image, write_image
+from eamamba_ref.reference.model import EAMamba, init_params
 
 MAMBA = dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_state=4, d_conv=3,
              expand=1, conv_2d=True)
@@ -242,8 +242,8 @@ def umask_mode():
 
 
 def test_atomic_output_never_clobbers_and_leaves_nothing_on_failure(tmp_path):
-    from eamamba_ref.atomic import atomic_output
-    from eamamba_ref.errors import CommandError
+    from eamamba_ref.io.atomic import atomic_output
+    from eamamba_ref.apps.errors import CommandError
     path = tmp_path / "x.txt"
     with atomic_output(path) as tmp:
         open(tmp, "w").write("one")
@@ -289,7 +289,7 @@ def test_output_path_problems_are_one_line_errors_and_leave_no_files(tmp_path, u
 
     import imageio.v3 as iio
 
-    from eamamba_ref import atomic
+    from eamamba_ref.io import atomic
     src = tmp_path / "a.png"
     write_image(src, image(8, 8, 3) / 255.0, 8)
     (tmp_path / "plainfile").write_text("not a folder")
@@ -343,7 +343,7 @@ def test_ctrl_c_is_one_line_and_exit_status_130(tmp_path, unet, capsys, monkeypa
 
 
 def test_evaluate_never_replaces_a_csv(tmp_path, capsys):
-    from eamamba_ref import evaluate
+    from eamamba_ref.apps import evaluate
     (tmp_path / "data").mkdir()
     write_image(tmp_path / "data" / "x.png", image(16, 16, 3) / 255.0, 8)
     csv_path = tmp_path / "results.csv"
@@ -365,8 +365,8 @@ def test_atomic_output_holds_the_last_complete_permitted_write(steps):
     import os
     import tempfile
 
-    from eamamba_ref.atomic import atomic_output
-    from eamamba_ref.errors import CommandError
+    from eamamba_ref.io.atomic import atomic_output
+    from eamamba_ref.apps.errors import CommandError
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/out.bin"
         want = None

@@ -1,4 +1,4 @@
-"""Scan orderings and the all-around transform (eamamba_ref.scans).
+"""Scan orderings and the all-around transform (eamamba_ref.reference.scans).
 
 Golden values are hand-worked from the official definitions (models/module/scan.py of
 daidaijr/EAMamba) or come from an independent implementation: the `numpy-hilbert-curve` package
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eamamba_ref import scans
+from eamamba_ref.reference import scans
 
 ORDERINGS = [None, "diagonal", "zigzag", "zorder", "hilbert", "morton"]
 CONFIGS = [(t, k) for t in [None, "diagonal", "zigzag", "zorder", "hilbert"] for k in (1, 2, 4, 8)
@@ -267,7 +267,7 @@ def test_index_arrays_are_cached_and_read_only():
 @pytest.mark.parametrize("merge", ["add", "concate"])
 def test_matches_pytorch_reference_transform(scan_type, K, merge):
     torch = pytest.importorskip("torch")
-    ref_scan = pytest.importorskip("eamamba_ref.torch_ref.scan")
+    ref_scan = pytest.importorskip("eamamba_ref.pytorch.scan")
     for h, w in [(2, 3), (5, 7), (8, 8), (12, 4), (9, 13)]:
         transform = ref_scan.ScanTransform(scan_type, K, merge)
         x = np.random.default_rng(h * w).standard_normal((2, 2 * K, h * w)).astype(np.float32)

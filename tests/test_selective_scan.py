@@ -1,4 +1,4 @@
-"""Tests of eamamba_ref.ssm.selective_scan: the three backends against independent evaluations.
+"""Tests of eamamba_ref.runtime.backends.selective_scan: the three backends against independent evaluations.
 
 Oracles: a float64 loop written here independently of the package (one (batch, channel) pair
 at a time, with math.log1p / math.exp), a sequential torch loop (torch's own softplus and SiLU),
@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eamamba_ref import ssm
-from eamamba_ref.ssm.fastexp import TINY
+from eamamba_ref.runtime import backends as ssm
+from eamamba_ref.kernels.cpu.fastexp import TINY
 
 RTOL = 1e-5  # see the module docstring
 REPO = Path(__file__).resolve().parents[1]
@@ -288,7 +288,7 @@ def test_fast_exp_softplus_silu_accuracy():
     """The vectorisable float32 functions of the numba kernel, against float64 NumPy."""
     from numba import njit
 
-    from eamamba_ref.ssm import fastexp
+    from eamamba_ref.kernels.cpu import fastexp
 
     @njit
     def apply(x):
@@ -331,7 +331,7 @@ CUDA_SIM_SCRIPT = textwrap.dedent("""
         from numba import cuda
     except ImportError:
         sys.exit(77)  # numba-cuda not installed: the test is skipped
-    from eamamba_ref import ssm
+    from eamamba_ref.runtime import backends as ssm
     from tests.test_selective_scan import make_problem, scaled_error
 
     assert "cuda" in ssm.available_backends(), "the simulator should make 'cuda' available"
@@ -352,7 +352,7 @@ CUDA_SIM_SCRIPT = textwrap.dedent("""
                 failures.append(f"case {i} {part}: error {scaled_error(g, w):.3g}")
 
     # several time chunks (the three-launch path), forced on short sequences: chunks of 1 and 3
-    from eamamba_ref.ssm import gpu as gpu_scan
+    from eamamba_ref.kernels.cuda import scan as gpu_scan
     gpu_scan.TARGET_THREADS = 10**6
     for min_chunk in (1, 3):
         gpu_scan.MIN_CHUNK = min_chunk

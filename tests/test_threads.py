@@ -1,4 +1,4 @@
-"""Threads (eamamba_ref/runtime.py): the same bits for any thread count and import order, and an
+"""Threads (eamamba_ref/runtime/threads.py): the same bits for any thread count and import order, and an
 import that changes nothing in the process.
 
 The bitwise checks run the bundled demo denoiser in child processes, each with its own
@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eamamba_ref import layers, runtime
-from eamamba_ref.ssm import fused
+from eamamba_ref.reference import layers
+from eamamba_ref.runtime import threads as runtime
+from eamamba_ref.kernels.cpu import fused
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "eamamba_ref" / "weights" / "denoise_demo.npz"
@@ -34,8 +35,9 @@ import hashlib, json, os, warnings
 before = dict(os.environ)
 import numpy as np
 import numba
-from eamamba_ref import inference, runtime
-from eamamba_ref.loading import load
+from eamamba_ref.apps import inference
+from eamamba_ref.runtime import threads as runtime
+from eamamba_ref.io.loading import load
 
 def digest(a):
     return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
@@ -112,7 +114,7 @@ def test_import_and_forward_leave_the_environment_alone_without_warnings(runs):
 def test_a_layer_the_user_chose_is_kept():
     env = dict(os.environ, NUMBA_THREADING_LAYER="omp", NUMBA_NUM_THREADS="2",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    script = ("import numba\nfrom eamamba_ref import runtime\n"
+    script = ("import numba\nfrom eamamba_ref.runtime import threads as runtime\n"
               "print(runtime.start_numba_threads(), numba.threading_layer())")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
@@ -122,8 +124,8 @@ def test_a_layer_the_user_chose_is_kept():
 
 def test_blas_gets_its_thread_count_back_after_a_forward():
     from threadpoolctl import threadpool_info, threadpool_limits
-    from eamamba_ref.config import ModelConfig
-    from eamamba_ref.model import EAMamba, init_params
+    from eamamba_ref.io.config import ModelConfig
+    from eamamba_ref.reference.model import EAMamba, init_params
     cfg = ModelConfig.from_args("eamamba", dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=0))
     model = EAMamba(cfg, init_params(cfg, 0))
     blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
@@ -194,7 +196,7 @@ def test_fused_scan_same_bits_for_any_channels_per_task():
 
 
 def test_plain_scan_same_bits_for_any_task_layout():
-    from eamamba_ref.ssm import cpu
+    from eamamba_ref.kernels.cpu import scan as cpu
     rng = np.random.default_rng(4)
     b, d, n, l, g = 2, 24, 16, 150, 3
     args = (rng.standard_normal((b, d, l), np.float32), rng.standard_normal((b, d, l), np.float32),
@@ -213,7 +215,7 @@ def test_gemm_pool_works_in_a_forked_child():
     # there instead of queueing blocks for threads that will never run them (a hang).
     script = (
         "import multiprocessing as mp, numpy as np\n"
-        "from eamamba_ref import layers, runtime\n"
+        "from eamamba_ref.reference import layers\nfrom eamamba_ref.runtime import threads as runtime\n"
         "a, b = np.ones((8, 16), np.float32), np.ones((16, 5000), np.float32)\n"
         "runtime.num_threads = lambda: 2\n"
         "layers.matmul(a, b)\n"

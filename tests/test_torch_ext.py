@@ -1,4 +1,4 @@
-"""Tests of eamamba_ref.torch_ext: the differentiable Numba selective scan.
+"""Tests of eamamba_ref.pytorch.scan_function: the differentiable Numba selective scan.
 
 Goldens: torch autograd through the float64 'sequential' scan of torch_ref (an independent
 implementation of the forward pass, differentiated by torch), torch.autograd.gradcheck (finite
@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from eamamba_ref import torch_ref as tr  # noqa: E402
-from eamamba_ref.torch_ext import SelectiveScanFn, selective_scan_numba  # noqa: E402
+from eamamba_ref import pytorch as tr  # noqa: E402
+from eamamba_ref.pytorch.scan_function import SelectiveScanFn, selective_scan_numba  # noqa: E402
 
 FAST = settings(max_examples=30, deadline=None)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -228,7 +228,7 @@ def test_torch_thread_count_is_left_alone():
     script = (
         "import torch\n"
         "torch.set_num_threads(1)\n"
-        "from eamamba_ref.torch_ext import selective_scan_numba\n"
+        "from eamamba_ref.pytorch.scan_function import selective_scan_numba\n"
         "u = torch.randn(1, 2, 9, requires_grad=True)\n"
         "selective_scan_numba(u, torch.rand(1, 2, 9), -torch.rand(2, 3), torch.randn(1, 1, 3, 9),\n"
         "                     torch.randn(1, 1, 3, 9)).sum().backward()\n"

@@ -1,4 +1,4 @@
-"""Tests of the PyTorch reference (eamamba_ref.torch_ref), the oracle for the NumPy model.
+"""Tests of the PyTorch reference (eamamba_ref.pytorch), the oracle for the NumPy model.
 
 Goldens come from independent sources: a float64 step-by-step loop written here from the
 recurrence, hand-worked orderings, the numpy-hilbert-curve package, and the parameter count of the
@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from eamamba_ref import torch_ref as tr  # noqa: E402
-from eamamba_ref.torch_ref import scan as scans  # noqa: E402
+from eamamba_ref import pytorch as tr  # noqa: E402
+from eamamba_ref.pytorch import scan as scans  # noqa: E402
 
 FAST = settings(max_examples=25, deadline=None)
 

@@ -20,7 +20,7 @@ def _train_demo():
 
 def test_bilinear_start_is_bilinear_upsampling():
     td = _train_demo()
-    from eamamba_ref.torch_ref import build_from_args, set_scan_mode
+    from eamamba_ref.pytorch import build_from_args, set_scan_mode
 
     set_scan_mode("sequential")
     name, args = td.TASKS["sr2"]
@@ -48,7 +48,7 @@ def test_bilinear_start_rejects_other_scales():
 def test_gray_from_colour_is_the_colour_model_on_replicated_gray():
     """A gray model started from a colour one equals the colour model fed (g, g, g), channels averaged."""
     td = _train_demo()
-    from eamamba_ref.torch_ref import build_from_args, set_scan_mode
+    from eamamba_ref.pytorch import build_from_args, set_scan_mode
 
     set_scan_mode("sequential")
     small = dict(dim=8, num_blocks=[1, 1, 1, 1])

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pth_files import ARGS, T, official, write_pth
 
-from eamamba_ref import convert
-from eamamba_ref.checkpoint import CheckpointError, load_converted, save_converted
-from eamamba_ref.config import ConfigError, ModelConfig
-from eamamba_ref.loading import infer_config, load
-from eamamba_ref.model import EAMamba, init_params
-from eamamba_ref.tasks import TASKS, TaskMismatchError, check_task
+from eamamba_ref.apps import convert
+from eamamba_ref.io.checkpoint import CheckpointError, load_converted, save_converted
+from eamamba_ref.io.config import ConfigError, ModelConfig
+from eamamba_ref.io.loading import infer_config, load
+from eamamba_ref.reference.model import EAMamba, init_params
+from eamamba_ref.apps.tasks import TASKS, TaskMismatchError, check_task
 
 GRAY = dict(ARGS, inp_channels=1, out_channels=1)
 

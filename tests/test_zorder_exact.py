@@ -1,17 +1,17 @@
-"""The official z-order, ties included, against real PyTorch (eamamba_ref.scans, eamamba_ref.std_sort).
+"""The official z-order, ties included, against real PyTorch (eamamba_ref.reference.scans, eamamba_ref.reference.std_sort).
 
 The official code sorts its pixel codes with `torch.argsort` on CPU tensors, and the codes tie, so
 the order of tied pixels is part of the ordering. Every expected order here comes from
 `torch.argsort` itself, on codes computed with torch operations the way the official code computes
 them (int64 `torch.arange` coordinates, int32 mask tensors) -- independently of both
-`eamamba_ref.scans` and the PyTorch reference. The heap-sort fallback of the emulated introsort is
+`eamamba_ref.reference.scans` and the PyTorch reference. The heap-sort fallback of the emulated introsort is
 exercised by real grids (65x4, 66x26, ...) and by an organ-pipe array, both checked to reach it.
 """
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eamamba_ref import scans, std_sort
+from eamamba_ref.reference import scans, std_sort
 
 torch = pytest.importorskip("torch")
 
@@ -98,7 +98,7 @@ def test_grids_that_reach_the_heap_sort_fallback(h, w):
 def test_reversed_and_mirrored_zorder_heads_follow_the_same_order():
     # Heads 1-3 index a reversed / mirrored sequence with the same ordering: compare the whole
     # K = 4 table with the PyTorch reference on grids where ties reorder.
-    ref_scan = pytest.importorskip("eamamba_ref.torch_ref.scan")
+    ref_scan = pytest.importorskip("eamamba_ref.pytorch.scan")
     for h, w in [(8, 8), (9, 13), (65, 4), (40, 24)]:
         assert np.array_equal(scans.direction_indices("zorder", 4, (h, w)),
                               ref_scan.direction_orders("zorder", 4, h, w))

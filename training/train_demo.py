@@ -7,7 +7,7 @@
 
 The models are the paper's architecture (MHSSM with the 8-direction all-around diagonal scan,
 'concate' merge) scaled down so that training fits a 2-core CPU. Training uses the PyTorch
-reference (eamamba_ref.torch_ref) with the Numba selective scan when available. Checkpoints are
+reference (eamamba_ref.pytorch) with the Numba selective scan when available. Checkpoints are
 written in the official format (`sd` raw weights, `sd_e` EMA weights), so `--resume` continues a
 run and `python -m eamamba_ref.convert` turns the result into the bundled `.npz`. Every
 `--val-every` minutes the EMA model is evaluated (PSNR on centre crops of the validation images)
@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from skimage.io import imread
 from skimage.transform import rescale
 
-from eamamba_ref.evaluate import gray_8bit
-from eamamba_ref.metrics import psnr
-from eamamba_ref.torch_ref import build_from_args, save_official_checkpoint, set_scan_mode
+from eamamba_ref.apps.evaluate import gray_8bit
+from eamamba_ref.apps.metrics import psnr
+from eamamba_ref.pytorch import build_from_args, save_official_checkpoint, set_scan_mode
 
 MAMBA = dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", disable_z_branch=False,
              d_state=8, d_conv=3, expand=2, conv_2d=True)

@@ -1,0 +1,2 @@
+"""The commands and the pipeline they share: restore, evaluate, distributed, oracle, profile, draw,
+convert."""

@@ -1,5 +1,0 @@
-"""The whole model on a GPU: numba.cuda kernels (`kernels`) behind a small NumPy-style array type
-(`tensor.DeviceTensor`). Importing this package imports numba.cuda; the CPU path never does."""
-from .tensor import DeviceTensor
-
-__all__ = ["DeviceTensor"]

@@ -1,0 +1,1 @@
+"""Files in and out: checkpoints (read without executing code), configs, images."""

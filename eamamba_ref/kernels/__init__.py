@@ -1,0 +1,1 @@
+"""Fast versions of reference functions: `cpu` (Numba, parallel) and `cuda` (numba.cuda)."""

@@ -1,0 +1,449 @@
+"""The MHSSM's middle part as fused, parallel Numba kernels (the 'numba' backend's fast path).
+
+The plain composition (`mhssm.py`, and the 'numpy' backend) gathers the K directional sequences
+into a `(B, K, C', L)` copy, projects them, scans, and scatters the result back to row-major order:
+five passes over memory that only move data. Two observations remove all of them:
+
+* x_proj and dt_proj act on every pixel separately, so they commute with the reordering: they can
+  be applied to the row-major map, and the scan kernel reads its inputs *through* the direction's
+  index table (step t of head k visits pixel `table[k, t]`) and writes y straight back to that
+  pixel. No directional copy exists, and `restore` is free.
+* Inside the kernel, data is laid out pixel-major, `(B, L, channels)`: one step of a head reads
+  the C' channels of one pixel and its dt/B/C row, a few contiguous cache lines, whatever the scan
+  ordering. (Channel-first rows would cost one cache miss per channel per step on a diagonal sweep.)
+
+Kernels (all float32, all parallel over `prange` tasks), and `mhssm_numba` which strings them
+together with NumPy's BLAS for in_proj, x_proj and out_proj:
+
+    dwconv_silu_pixel_major   depthwise k x k conv + bias + SiLU, (B, d, H, W) -> (B, L, d)
+    directional_scan          dt_proj + delta_bias + softplus + scan + D skip, gather/scatter fused
+    layer_norm_gate           LayerNorm over channels * SiLU(z), in place on (B, L, d)
+
+A trace (`eamamba_ref.runtime.trace`) records the plain composition's stage names from these functions'
+boundaries, without changing what runs: the kernels' inputs and outputs, transposed or put in scan
+order, and, recomputed only while recording, the three stages the kernels never store (the conv
+before its SiLU, dt_proj, the LayerNorm before its gate).
+
+The recurrence itself is the one of `cpu.py` (SIMD over the state index, vectorisable exp from
+`fastexp`, denormal-safe), so the accuracy statement there holds here: agreement with the float32
+NumPy reference to ~1e-6 of the output scale (tests/test_fused.py checks 1e-5). Per state update,
+at the first U-Net level of the official denoiser (d 64, 256x256, N 16, diagonal x8, one thread) the
+kernel takes ~1.3 ns including dt_proj and its gathers (2.1 ns before the gather prefetched the
+pixels of the steps ahead, see prefetch.py; 3.7 ns with the gather and scatter loops written
+inline in the prange body).
+"""
+import numpy as np
+from numba import njit, prange
+
+from eamamba_ref.reference import layers
+from eamamba_ref.runtime import threads as runtime
+from eamamba_ref.kernels.cpu.scan import (BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS_PER_THREAD,
+                                          recurrence)
+from eamamba_ref.kernels.cpu.fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
+from eamamba_ref.kernels.cpu.prefetch import prefetch, prefetch_write
+from eamamba_ref.runtime.trace import Part, traced
+
+f32 = np.float32
+LOG2E = f32(1.4426950408889634)
+PREFETCH_STEPS = 32  # how many steps ahead the gather asks for a pixel's rows (16-32 measured best)
+
+__all__ = ["dwconv_silu_pixel_major", "directional_scan", "layer_norm_gate", "channels_per_task"]
+
+
+def channels_per_task(batch, heads, channels_per_head, threads=None):
+    """Channels of one head per scan task: up to MAX_TASK_CHANNELS, fewer if that leaves threads idle."""
+    threads = runtime.num_threads() if threads is None else threads
+    wanted = -(-batch * heads * channels_per_head // (TASKS_PER_THREAD * threads))
+    return max(1, min(channels_per_head, MAX_TASK_CHANNELS, wanted))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loops written inline in a prange body are not vectorised by LLVM here (measured 3-6x slower);
+# the same loops in small functions of their own are. Hence the helpers.
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _axpy(acc, a, src):
+    """acc += a * src (1-D, same length)."""
+    for j in range(src.size):
+        acc[j] += a * src[j]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _bias_silu(row, bias):
+    """row = silu(row + bias), in place."""
+    for j in range(row.size):
+        row[j] = silu(row[j] + bias)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _transpose_into(dst, src):
+    """dst[j, c] = src[c, j]: one conv output row (channels, W) written pixel-major (W, channels)."""
+    for j in range(dst.shape[0]):
+        row = dst[j]
+        for c in range(row.size):
+            row[c] = src[c, j]
+
+
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def _dwconv_silu_kernel(x, w, bias, out):
+    """out[b, i*W + j, c] = silu(bias[c] + sum_{di, dj} w[c, di, dj] x[b, c, i+di-p, j+dj-p]).
+
+    x (B, d, H, W); w (d, k, k), k odd; bias (d,); out (B, H*W, d). One task = one output row of
+    one batch item: it convolves every channel into a (d, W + 2p) tile (tap dj of the kernel
+    adds the whole input row at offset 2p - dj, so the row borders need no special case), then
+    writes the tile transposed: both the reads and the writes are contiguous.
+    """
+    batch, d, H, W = x.shape
+    k = w.shape[1]
+    pad = (k - 1) // 2
+    for task in prange(batch * H):
+        b = task // H
+        i = task % H
+        tile = np.zeros((d, W + 2 * pad), dtype=f32)
+        for c in range(d):
+            acc = tile[c]
+            for di in range(k):
+                src_i = i + di - pad
+                if 0 <= src_i < H:                      # rows outside are the zero padding
+                    for dj in range(k):
+                        _axpy(acc[2 * pad - dj:2 * pad - dj + W], w[c, di, dj], x[b, c, src_i])
+            _bias_silu(acc[pad:pad + W], bias[c])
+        _transpose_into(out[b, i * W:(i + 1) * W], tile[:, pad:pad + W])
+
+
+def _conv_before_silu(a):
+    """Trace hook: the depthwise conv alone, `(B, d, H, W)` (the kernel adds the SiLU before
+    anything is stored, so the trace recomputes it from the kernel's inputs)."""
+    from eamamba_ref.reference.layers import conv2d
+    k = a["weight"].shape[-1]
+    return {"conv": conv2d(a["x"], a["weight"], a["bias"], padding=(k - 1) // 2, groups=a["x"].shape[1])}
+
+
+def _channel_first(y):
+    """Trace view of a pixel-major `(B, L, d)` result: `(B, d, L)`."""
+    return y.transpose(0, 2, 1)
+
+
+@traced("act", before=_conv_before_silu, view=_channel_first)
+def dwconv_silu_pixel_major(x, weight, bias):
+    """SiLU(depthwise conv(x)) with 'same' zero padding, transposed to pixel-major.
+
+    x: `(B, d, H, W)` float32; weight: `(d, 1, k, k)`, k odd; bias: `(d,)` or None.
+    Returns `(B, H*W, d)` float32.
+    """
+    B, d, H, W = x.shape
+    w = np.ascontiguousarray(weight.reshape(d, weight.shape[-2], weight.shape[-1]), dtype=f32)
+    b = np.zeros(d, f32) if bias is None else np.ascontiguousarray(bias, dtype=f32)
+    out = np.empty((B, H * W, d), dtype=f32)
+    _dwconv_silu_kernel(np.ascontiguousarray(x, dtype=f32), w, b, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def _scan_chunk(h, a, dt_in, w, bias, Dv, u, b_chunk, c_chunk, steps, dt, du, y):
+    """One chunk of `steps` steps for the task's channels j: delta_j = softplus(w[j] . dt_in + bias[j]),
+    the recurrence from state h[j] (updated), y[j, t] = C_t . h_t + D_j u[j, t].
+
+    h, a: (channels, n_blocks, BLOCK), a = A log2(e); dt_in: (R, CHUNK); u, y: (channels, CHUNK);
+    b_chunk, c_chunk: (n_blocks, CHUNK, BLOCK); dt, du: (CHUNK,) scratch.
+    A function of its own, like the helpers above: the prange body only gathers and scatters.
+    """
+    for j in range(h.shape[0]):
+        for t in range(steps):
+            dt[t] = bias[j]
+        for r in range(w.shape[1]):
+            wr = w[j, r]
+            for t in range(steps):
+                dt[t] += wr * dt_in[r, t]
+        for t in range(steps):
+            dt[t] = softplus(dt[t])
+        for t in range(steps):
+            du[t] = dt[t] * u[j, t]
+        y_j = y[j]
+        recurrence(h[j], a[j], b_chunk, c_chunk, steps, dt, du, y_j)
+        for t in range(steps):
+            y_j[t] += Dv[j] * u[j, t]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _gather(xdbl, u, y, table, t0, steps, c0, dt_in, b_chunk, c_chunk, u_chunk):
+    """The chunk's inputs of one head, in step order: xdbl (L, R + 2N), u and y (L, d) of one
+    image, table (L,) of the head; b_chunk, c_chunk (n_blocks, CHUNK, BLOCK); dt_in (R, CHUNK);
+    u_chunk (channels, CHUNK) for channels c0... (in a function of its own: ~2x faster than inline).
+
+    Every step also prefetches the xdbl, u and y lines of the pixel PREFETCH_STEPS steps ahead
+    (see prefetch.py: the pixels of a direction are scattered over the map).
+    """
+    R = dt_in.shape[0]
+    n_state = (xdbl.shape[1] - R) // 2
+    n_ch = u_chunk.shape[0]
+    ahead = min(steps, table.shape[0] - PREFETCH_STEPS - t0)
+    for t in range(steps):
+        if t < ahead:
+            q = table[t0 + t + PREFETCH_STEPS]
+            for col in range(0, xdbl.shape[1], 16):          # 16 floats = one 64-byte line
+                prefetch(xdbl, q, col)
+            prefetch(xdbl, q, xdbl.shape[1] - 1)
+            prefetch(u, q, c0)
+            prefetch(u, q, c0 + n_ch - 1)
+            prefetch_write(y, q, c0)
+            prefetch_write(y, q, c0 + n_ch - 1)
+        row = xdbl[table[t0 + t]]
+        for r in range(R):
+            dt_in[r, t] = row[r]
+        for n in range(n_state):
+            b_chunk[n // BLOCK, t, n % BLOCK] = row[R + n]
+            c_chunk[n // BLOCK, t, n % BLOCK] = row[R + n_state + n]
+        px = u[table[t0 + t]]
+        for j in range(n_ch):
+            u_chunk[j, t] = px[c0 + j]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _scatter(y_chunk, table, t0, steps, c0, y):
+    """y[table[t0 + t], c0 + j] = y_chunk[j, t]: the chunk's outputs back to their pixels."""
+    for t in range(steps):
+        px = y[table[t0 + t]]
+        for j in range(y_chunk.shape[0]):
+            px[c0 + j] = y_chunk[j, t]
+
+
+# ------------------------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def _directional_scan_kernel(u, xdbl, table, w_dt, bias, A, Dv, per_task, y):
+    """The K directional selective scans of an MHSSM ('concate' merge), fused with their reordering.
+
+    u: (batch, L, d) pixel-major, channel c belongs to head c // C' (C' = d / K);
+    xdbl: (batch, K, L, R + 2N), per pixel in row-major order: dt inputs, B, C of each head;
+    table: (K, L) int64, step t of head k visits pixel table[k, t];
+    w_dt: (K, C', R); bias, Dv: (d,); A: (d, N), negative; y: (batch, L, d), written per pixel.
+
+    A task is `per_task` channels of one head of one batch item. Per chunk of CHUNK steps it
+    gathers the chunk's B, C (into [block, time, lane] order for the SIMD loop), computes
+    delta = softplus(w_dt . dt_in + bias) and delta * u, runs the recurrence channel by channel
+    (as cpu.scan_kernel does), and scatters y + D u back to the pixels.
+    """
+    batch, length, n_channels = u.shape
+    K = xdbl.shape[1]
+    R = w_dt.shape[2]
+    Cp = n_channels // K
+    n_state = A.shape[1]
+    n_blocks = (n_state + BLOCK - 1) // BLOCK
+    per_head = (Cp + per_task - 1) // per_task
+    n_tasks = batch * K * per_head
+
+    for task in prange(n_tasks):
+        b = task // (K * per_head)
+        k = (task // per_head) % K
+        j0 = (task % per_head) * per_task
+        n_ch = min(per_task, Cp - j0)
+        c0 = k * Cp + j0
+
+        a_pad = np.zeros((n_ch, n_blocks, BLOCK), dtype=f32)
+        h = np.zeros((n_ch, n_blocks, BLOCK), dtype=f32)
+        b_chunk = np.zeros((n_blocks, CHUNK, BLOCK), dtype=f32)
+        c_chunk = np.zeros((n_blocks, CHUNK, BLOCK), dtype=f32)
+        dt_in = np.empty((R, CHUNK), dtype=f32)       # the chunk's dt_proj inputs, [rank, time]
+        u_chunk = np.empty((n_ch, CHUNK), dtype=f32)
+        y_chunk = np.empty((n_ch, CHUNK), dtype=f32)
+        dt = np.empty(CHUNK, dtype=f32)          # delta of one channel over the chunk
+        du = np.empty(CHUNK, dtype=f32)          # delta * u
+        for j in range(n_ch):
+            for n in range(n_state):
+                a_pad[j, n // BLOCK, n % BLOCK] = A[c0 + j, n] * LOG2E   # exp(x) = 2**(x log2 e)
+
+        for t0 in range(0, length, CHUNK):
+            steps = min(CHUNK, length - t0)
+            # Gather: one pixel per step, its dt/B/C row and this task's channels of u.
+            _gather(xdbl[b, k], u[b], y[b], table[k], t0, steps, c0, dt_in, b_chunk, c_chunk, u_chunk)
+
+            _scan_chunk(h, a_pad, dt_in, w_dt[k, j0:j0 + n_ch], bias[c0:c0 + n_ch], Dv[c0:c0 + n_ch],
+                        u_chunk, b_chunk, c_chunk, steps, dt, du, y_chunk)
+
+            # Scatter: straight back to the pixels (this is `restore`).
+            _scatter(y_chunk, table[k], t0, steps, c0, y[b])
+
+
+def _scan_order(per_pixel, table):
+    """`(B, L, K, n)` values of every pixel and head -> `(B, K, n, L)`: head k's values in the order
+    its scan visits the pixels (step t: pixel table[k, t]), the layout of the plain composition."""
+    heads = np.arange(table.shape[0])[:, None]
+    return per_pixel[:, table, heads].transpose(0, 1, 3, 2)
+
+
+def _scan_inputs(a):
+    """Trace hook: the scan's inputs in scan order -- `all_around` (B, K, C', L) and `x_proj`
+    (B, K, R + 2N, L), exactly the values the kernel gathers -- and `dt_proj` (B, K, C', L), which
+    the kernel computes chunk by chunk with its bias and softplus and never keeps: recomputed."""
+    u, xdbl, table, w_dt = a["u"], a["xdbl"], a["table"], a["w_dt"]
+    B, L, d = u.shape
+    K = table.shape[0]
+    xs = _scan_order(u.reshape(B, L, K, d // K), table)
+    x_dbl = _scan_order(xdbl.transpose(0, 2, 1, 3), table)
+    return {"all_around": xs, "x_proj": x_dbl, "dt_proj": np.matmul(w_dt, x_dbl[:, :, :w_dt.shape[2]])}
+
+
+def _scan_outputs(a, y):
+    """Trace hook: the kernel's outputs in scan order, `selective_scan` (B, K*C', L)."""
+    B, L, d = y.shape
+    K = a["table"].shape[0]
+    return {"selective_scan": _scan_order(y.reshape(B, L, K, d // K), a["table"]).reshape(B, d, L)}
+
+
+@traced("restore", before=_scan_inputs, after=_scan_outputs, view=_channel_first)
+def directional_scan(u, xdbl, table, w_dt, bias, A, D):
+    """K directional selective scans ('concate' heads), read and written in row-major pixel order.
+
+    u: `(B, L, d)` pixel-major SSM input (after conv and SiLU), head k owns channels
+    `k*C' .. (k+1)*C' - 1`; xdbl: `(B, K, L, R + 2N)` = x_proj of every pixel, per head
+    (dt inputs, then B, then C); table: `(K, L)` gather table of the directions
+    (`scans.direction_indices`); w_dt: `(K, C', R)`; bias, D: `(d,)`; A: `(d, N)`.
+    Returns y `(B, L, d)`: per pixel, the scan outputs (with D u) of the head that owns the channel,
+    i.e. `restore(selective_scan(all_around(...)))` with delta = softplus(dt_proj + bias).
+    """
+    B, L, d = u.shape
+    K = xdbl.shape[1]
+    y = np.empty((B, L, d), dtype=f32)
+    per_task = channels_per_task(B, K, d // K)
+    _directional_scan_kernel(u, xdbl, np.ascontiguousarray(table), np.ascontiguousarray(w_dt, f32),
+                             np.ascontiguousarray(bias, f32), np.ascontiguousarray(A, f32),
+                             np.ascontiguousarray(D, f32), per_task, y)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def _layer_norm_gate_row(v, g, weight, bias, eps, has_z):
+    """v = LayerNorm(v) * silu(g) (or without the gate) over one pixel's channels, in place."""
+    d = v.size
+    mean = f32(0.0)
+    for c in range(d):
+        mean += v[c]
+    mean /= d
+    var = f32(0.0)
+    for c in range(d):
+        e = v[c] - mean
+        var += e * e
+    rstd = f32(1.0) / np.sqrt(var / d + eps)
+    if has_z:
+        for c in range(d):
+            v[c] = ((v[c] - mean) * rstd * weight[c] + bias[c]) * silu(g[c])
+    else:
+        for c in range(d):
+            v[c] = (v[c] - mean) * rstd * weight[c] + bias[c]
+
+
+@njit(parallel=True, fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+def _layer_norm_gate_kernel(y, z, weight, bias, eps, has_z):
+    """In place: y[b, l] = LayerNorm(y[b, l]) * silu(z[b, l]) over the last axis (two-pass variance)."""
+    batch, length, d = y.shape
+    rows = batch * length
+    block = 64
+    for task in prange((rows + block - 1) // block):
+        for r in range(task * block, min(rows, (task + 1) * block)):
+            b = r // length
+            l = r % length
+            _layer_norm_gate_row(y[b, l], z[b, l] if has_z else z[0, 0], weight, bias, eps, has_z)
+
+
+def _run_layer_norm_gate(y, z, weight, bias, eps):
+    zz = np.zeros((1, 1, 1), f32) if z is None else z
+    _layer_norm_gate_kernel(y, zz, np.ascontiguousarray(weight, f32), np.ascontiguousarray(bias, f32),
+                            f32(eps), z is not None)
+    return y
+
+
+def _norm_before_gate(a):
+    """Trace hook: the LayerNorm alone, `out_norm` (B, d, L), when the kernel fuses it with the gate
+    (recomputed by the same kernel without the gate, on a copy: y is overwritten by the call)."""
+    if a["z"] is None:
+        return {}
+    y = _run_layer_norm_gate(a["y"].copy(), None, a["weight"], a["bias"], a["eps"])
+    return {"out_norm": _channel_first(y)}
+
+
+@traced(lambda a: "out_norm" if a["z"] is None else "gate", before=_norm_before_gate, view=_channel_first)
+def layer_norm_gate(y, z, weight, bias, eps=1e-5):
+    """`LayerNorm(y) * silu(z)` over the channels of pixel-major `y (B, L, d)`, computed in place.
+
+    z: `(B, L, d)` or None (no gate); weight, bias: `(d,)`. Returns y.
+    """
+    return _run_layer_norm_gate(y, z, weight, bias, eps)
+
+
+# ------------------------------------------------------------------------------------------------
+def mhssm_numba(p, x, size, cfg):
+    """The MHSSM (`mhssm.mhssm`, same parameters and result) computed with the kernels above.
+
+    Steps 2-6 of the plain composition run pixel-major `(B, L, d)`: the depthwise conv writes its
+    output transposed, x_proj runs on the row-major map (it commutes with the reordering), one
+    kernel does dt_proj, softplus, the K directional scans and the D skip while reading and writing
+    through the directions' index tables, and LayerNorm * SiLU(z) is one more pass. No
+    `(B, K, C', L)` copy is made. Needs the 2-D conv and heads owning separate channels ('concate'
+    or one direction). x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`.
+    """
+    from eamamba_ref.reference import scans  # the package imports this module: import on use
+
+    if not cfg.conv_2d or (cfg.scan_merge_method != "concate" and cfg.scan_count > 1):
+        raise ValueError("the fused MHSSM needs conv_2d and heads owning separate channels "
+                         "('concate' merge or one direction); use mhssm.mhssm for this configuration")
+    B, C, L = x.shape
+    d = cfg.d_inner(C)
+    K, Cp = cfg.heads(C)
+    w_in = p["in_proj.weight"]
+    b_in = p.get("in_proj.bias")
+
+    # 1. in_proj, first half: x channel-first for the conv (the gate z comes after the scan)
+    xs = _project_x(w_in, b_in, x, d)                                     # (B, d, L)
+
+    # 2. depthwise conv + SiLU, written pixel-major
+    u = dwconv_silu_pixel_major(xs.reshape(B, d, *size), p["conv.weight"], p.get("conv.bias"))
+    del xs
+
+    # 3-5. x_proj of every pixel, per head; then the fused directional scans
+    heads = u.reshape(B, L, K, Cp).transpose(0, 2, 1, 3)                 # (B, K, L, C') view
+    xdbl = layers.matmul(heads, p["x_proj_weight"].transpose(0, 2, 1), "rows")      # (B, K, L, R + 2N)
+    table = scans.direction_indices(cfg.scan_type, cfg.scan_count, size)
+    y = directional_scan(u, xdbl, table, p["dt_projs_weight"], p["dt_projs_bias"].reshape(-1),
+                         -np.exp(p["A_logs"]), p["Ds"])                  # (B, L, d)
+    del u, xdbl
+
+    # 6. in_proj, second half: the gate z straight to pixel-major (x^T W_z^T), made only now so
+    #    that it and xdbl (the largest array here) never coexist: peak memory at 512x512
+    z = None if cfg.disable_z_branch else _project_z(w_in, b_in, x, d)   # (B, L, d)
+
+    # 7. LayerNorm * SiLU(z) in place, then out_proj back to channel-first (W_out y^T)
+    y = layer_norm_gate(y, z, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5)
+    return _project_out(p, y)                                             # (B, C, L)
+
+
+def _in_proj_part(xs, where, a):
+    """Trace: a part `(B, d, L)` of `in_proj` (B, 2d, L), which the fused MHSSM computes in halves."""
+    return {"in_proj": Part(xs, (slice(None), where), (xs.shape[0], a["w_in"].shape[0], xs.shape[2]))}
+
+
+@traced(after=lambda a, xs: _in_proj_part(xs, slice(0, a["d"]), a))
+def _project_x(w_in, b_in, x, d):
+    """in_proj's first d outputs (the SSM input) on `x (B, C, L)`: `(B, d, L)`."""
+    xs = layers.matmul(w_in[:d], x)
+    if b_in is not None:
+        xs += b_in[:d, None]
+    return xs
+
+
+@traced(after=lambda a, z: _in_proj_part(_channel_first(z), slice(a["d"], None), a))
+def _project_z(w_in, b_in, x, d):
+    """in_proj's last d outputs (the gate z) on `x (B, C, L)`, pixel-major: `(B, L, d)`."""
+    z = layers.matmul(x.transpose(0, 2, 1), w_in[d:].T, "rows")
+    if b_in is not None:
+        z += b_in[d:]
+    return z
+
+
+@traced("out_proj")
+def _project_out(p, y):
+    """out_proj on pixel-major `y (B, L, d)` -> channel-first `(B, C, L)` (W_out y^T)."""
+    out = layers.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))
+    if "out_proj.bias" in p:
+        out += p["out_proj.bias"][:, None]
+    return out

@@ -1,0 +1,1 @@
+"""What runs a forward pass: the backend tables, the threads, the allocator and tracing."""
