@@ -27,7 +27,7 @@ from eamamba_ref.apps import distributed as dist, restore  # noqa: E402
 from eamamba_ref.io.checkpoint import save_converted  # noqa: E402
 from eamamba_ref.io.config import ModelConfig  # noqa: E402
 from eamamba_ref.io.images import read_image, write_image  # noqa: E402
-from eamamba_ref.reference.model import init_params  # noqa: E402
+from eamamba_ref.reference.parameters import init_params  # noqa: E402
 
 MAMBA = dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_state=4, d_conv=3,
              expand=1, conv_2d=True)

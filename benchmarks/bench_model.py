@@ -92,7 +92,7 @@ def rss_mib():
 def build(checkpoint, seed):
     """(config, params) of the official denoising model, or of a checkpoint."""
     from eamamba_ref.io.config import denoise_config
-    from eamamba_ref.reference.model import init_params
+    from eamamba_ref.reference.parameters import init_params
     if checkpoint:
         from eamamba_ref.io.loading import load
         model = load(checkpoint)
@@ -275,7 +275,7 @@ def child(impl, size, repeats, threads, checkpoint, seed, torch_scan=None):
             with torch.no_grad():
                 return model(xt).numpy()
     else:
-        from eamamba_ref.reference.model import EAMamba
+        from eamamba_ref.runtime.model import EAMamba
         if impl == "unfused":           # the plain composition with the numba scan (before fusion)
             from eamamba_ref.reference import mhssm
             mhssm._fused = lambda *args: False
@@ -464,32 +464,28 @@ def floor_seconds(prof, gemm_gflops, exp_ns):
 # Per-stage profile (exclusive wall time of the functions a forward calls)
 
 def stage_profile(cfg, params, size):
-    """Seconds per stage of one eamamba_ref forward (after a warm-up), by wrapping the functions
-    the model calls with timers; a stage's time excludes the stages nested in it."""
-    from eamamba_ref.kernels.cpu import norms as cpu_kernels
-    from eamamba_ref.reference import layers, mhssm, model, scans
-    from eamamba_ref.runtime import backends as ssm
+    """Seconds per stage of one eamamba_ref forward (after a warm-up), by wrapping the entries of
+    the model's backend table, and the fused MHSSM's kernels, with timers; a stage's time excludes
+    the stages nested in it."""
     from eamamba_ref.kernels.cpu import fused
+    from eamamba_ref.runtime.model import EAMamba
     totals = {}
     stack = []
 
-    def timed(module, name, stage_of):
-        original = getattr(module, name)
-
+    def timed(fn, stage_of):
         def wrapper(*a, **k):
             stage = stage_of(*a, **k)
             stack.append(0.0)
             start = time.perf_counter()
             try:
-                return original(*a, **k)
+                return fn(*a, **k)
             finally:
                 elapsed = time.perf_counter() - start
                 inner = stack.pop()
                 totals[stage] = totals.get(stage, 0.0) + elapsed - inner
                 if stack:
                     stack[-1] += elapsed
-        setattr(module, name, wrapper)
-        return module, name, original
+        return wrapper
 
     def conv_stage(x, weight, *a, **k):
         if weight.shape[-1] == 1:
@@ -499,22 +495,19 @@ def stage_profile(cfg, params, size):
         return "3x3 convs (im2col + GEMM)"
 
     const = lambda label: (lambda *a, **k: label)  # noqa: E731
-    patches = [
-        timed(layers, "conv2d", conv_stage),
-        timed(model, "mhssm", const("MHSSM projections + element-wise")),
-        timed(scans, "all_around", const("scan transforms (gather/scatter)")),
-        timed(scans, "restore", const("scan transforms (gather/scatter)")),
-        timed(ssm, "selective_scan", const("selective scans")),
-        timed(fused, "directional_scan", const("selective scans (fused gather/scatter, dt_proj)")),
-        timed(fused, "dwconv_silu_pixel_major", const("depthwise convs")),
-        timed(layers, "layer_norm_channels", const("norms")),
-        timed(cpu_kernels, "layer_norm_channels", const("norms")),
-        timed(layers, "layer_norm", const("norms")),
-        timed(fused, "layer_norm_gate", const("norms")),
-        timed(layers, "silu", const("activations")),
-    ]
+    net = EAMamba(cfg, params)
+    stages = {"conv2d": conv_stage, "matmul": const("MHSSM projections (GEMM)"),
+              "mhssm": const("MHSSM element-wise and glue"),
+              "all_around": const("scan transforms (gather/scatter)"),
+              "restore": const("scan transforms (gather/scatter)"), "selective_scan": const("selective scans"),
+              "layer_norm_channels": const("norms"), "layer_norm": const("norms"), "silu": const("activations")}
+    net.ops = net.ops._replace(**{name: timed(getattr(net.ops, name), stage) for name, stage in stages.items()})
+    kernels = {"directional_scan": const("selective scans (fused gather/scatter, dt_proj)"),
+               "dwconv_silu_pixel_major": const("depthwise convs"), "layer_norm_gate": const("norms")}
+    originals = {name: getattr(fused, name) for name in kernels}
+    for name, stage in kernels.items():        # called by the fused MHSSM as module globals
+        setattr(fused, name, timed(originals[name], stage))
     try:
-        net = model.EAMamba(cfg, params)
         x = make_input(cfg, size)
         net(x)
         totals.clear()
@@ -522,8 +515,8 @@ def stage_profile(cfg, params, size):
         net(x)
         total = time.perf_counter() - start
     finally:
-        for module, name, original in patches:
-            setattr(module, name, original)
+        for name, original in originals.items():
+            setattr(fused, name, original)
     totals["other (FFN gate, residuals, (un)shuffle, concat)"] = total - sum(totals.values())
     return total, totals
 

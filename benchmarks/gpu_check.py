@@ -291,7 +291,8 @@ def model_configs(tiny):
 def model_checks(report, tiny):
     import numpy as np
 
-    from eamamba_ref.reference.model import EAMamba, init_params
+    from eamamba_ref.runtime.model import EAMamba
+    from eamamba_ref.reference.parameters import init_params
     print("whole model, backend 'cuda' vs 'numpy' (same weights):", flush=True)
     for name, cfg, shape in model_configs(tiny):
         try:
@@ -391,7 +392,8 @@ def timings(report, args, deadline):
     from numba import cuda
 
     from eamamba_ref.io.config import denoise_config
-    from eamamba_ref.reference.model import EAMamba, init_params
+    from eamamba_ref.runtime.model import EAMamba
+    from eamamba_ref.reference.parameters import init_params
     if args.tiny:
         cfg, sizes = model_configs(True)[0][1], args.sizes or [4]
     else:

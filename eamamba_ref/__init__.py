@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 from eamamba_ref.reference import scans
 from eamamba_ref.io.config import ConfigError, MambaConfig, ModelConfig
 from eamamba_ref.io.loading import load
-from eamamba_ref.reference.model import EAMamba
+from eamamba_ref.runtime.model import EAMamba
 from eamamba_ref.runtime.backends import selective_scan
 
 __all__ = ["scans", "selective_scan", "load", "EAMamba", "ModelConfig", "MambaConfig", "ConfigError"]

@@ -147,7 +147,8 @@ def demo_model(weights):
     """(model, True) from the demo weights, or (random model of the demo architecture, False)."""
     from eamamba_ref.io.config import ModelConfig
     from eamamba_ref.io.loading import load
-    from eamamba_ref.reference.model import EAMamba, init_params
+    from eamamba_ref.runtime.model import EAMamba
+    from eamamba_ref.reference.parameters import init_params
     if os.path.exists(weights):
         return load(weights), True
     cfg = ModelConfig.from_args("eamamba", dict(
@@ -179,17 +180,18 @@ def scan_influence_map(model, image, scan_type, scan_count, block="encoder_level
     from eamamba_ref.reference import layers, scans
     from eamamba_ref.reference.mhssm import depthwise_conv
     from eamamba_ref.reference.model import conv, norm, sub
+    from eamamba_ref.reference.ops import NUMPY
     P, mcfg = model.params, model.config.mamba
     H, W = image.shape[:2]
     x = np.ascontiguousarray(image.transpose(2, 0, 1)[None])
-    feat = conv(P, "patch_embed.proj", x)
-    tokens = norm(sub(P, block), "norm1", feat).reshape(1, feat.shape[1], -1)
+    feat = conv(P, "patch_embed.proj", x, NUMPY)
+    tokens = norm(sub(P, block), "norm1", feat, NUMPY).reshape(1, feat.shape[1], -1)
     p = sub(P, block + ".mamba")
     Cm = tokens.shape[1]
     d, N, R = mcfg.d_inner(Cm), mcfg.d_state, mcfg.resolved_dt_rank(Cm)
     K, Cp = mcfg.heads(Cm)
     xs = layers.silu(depthwise_conv((p["in_proj.weight"] @ tokens[0])[None, :d], p["conv.weight"],
-                                    p.get("conv.bias"), (H, W), mcfg.conv_2d))[0].astype(np.float64)
+                                    p.get("conv.bias"), (H, W), mcfg.conv_2d, NUMPY))[0].astype(np.float64)
     table = scans.direction_indices(scan_type, scan_count, (H, W))
     centre = (H // 2) * W + W // 2
     total = np.zeros(H * W)

@@ -11,7 +11,7 @@ import numpy as np
 
 from eamamba_ref.io.checkpoint import save_converted
 from eamamba_ref.io.config import ModelConfig
-from eamamba_ref.reference.model import init_params
+from eamamba_ref.reference.parameters import init_params
 
 ARGS = dict(inp_channels=3, out_channels=3, dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
             ffn_expansion_factor=2, bias=False, LayerNorm_type="WithBias", channel_mixer_type="Simple",

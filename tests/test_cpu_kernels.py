@@ -30,41 +30,35 @@ def test_layer_norm_channels_matches_numpy_and_float64(B, C, H, W, with_bias, of
     assert np.abs(got - ref).max() / scale < 1e-5
 
 
-def test_model_uses_it_only_with_the_numba_backend(monkeypatch):
-    from eamamba_ref.runtime import ops
-
-    calls = []
-    monkeypatch.setattr(cpu_kernels, "layer_norm_channels", lambda *a: calls.append(1) or layers.layer_norm_channels(*a))
-    x = np.ones((1, 2, 2, 2), np.float32)
-    ops.layer_norm_channels(x, np.ones(2, np.float32), backend="numpy")
-    assert calls == []
-    ops.layer_norm_channels(x, np.ones(2, np.float32), backend="numba")
-    assert calls == [1]
+def test_the_numba_table_binds_it_and_the_numpy_table_the_reference():
+    from eamamba_ref.runtime.backends import table
+    assert table("numba").layer_norm_channels is cpu_kernels.layer_norm_channels
+    assert table("numpy").layer_norm_channels is layers.layer_norm_channels
 
 
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 2), C=st.integers(1, 6), H=st.integers(1, 13), W=st.integers(1, 9),
        pixels=st.integers(1, 120), mixer=st.sampled_from(["simple", "ffn"]), seed=st.integers(0, 2**16))
 def test_ffn_in_row_strips_equals_the_whole_map(B, C, H, W, pixels, mixer, seed):
-    """ops.by_row_strips (the FFN's memory bound) gives fn(x): ragged last strips, one-row strips
+    """kernels.cpu.strips (the FFN's memory bound) gives the whole-map FFN: ragged last strips, one-row strips
     (pixels < W), no strips at all (pixels >= H*W), channel counts that change. Not bit for bit:
     BLAS sums in a different order for a different number of columns."""
-    from eamamba_ref.reference import model
-    from eamamba_ref.runtime import ops
+    from eamamba_ref.kernels.cpu import strips
+    from eamamba_ref.reference.ops import NUMPY
     rng = np.random.default_rng(seed)
     hidden = 2 * C
     p = {"project_in.weight": rng.standard_normal((hidden, C, 1, 1)).astype(np.float32),
          "project_in.bias": rng.standard_normal(hidden).astype(np.float32),
          "project_out.weight": rng.standard_normal((C + 1, hidden // (2 if mixer == "simple" else 1), 1, 1)).astype(np.float32)}
     x = rng.standard_normal((B, C, H, W)).astype(np.float32)
-    whole = ops.by_row_strips(lambda t: model.channel_mixer(p, t, mixer), x, pixels=H * W)
-    strips = ops.by_row_strips(lambda t: model.channel_mixer(p, t, mixer), x, pixels=pixels)
+    whole = strips.channel_mixer(p, x, mixer, NUMPY, pixels=H * W)
+    in_strips = strips.channel_mixer(p, x, mixer, NUMPY, pixels=pixels)
     # the mixer itself strips at its default size; compare with a plain per-pixel evaluation too
     flat = x.transpose(0, 2, 3, 1).reshape(-1, C)
     h = flat @ p["project_in.weight"][:, :, 0, 0].T + p["project_in.bias"]
     h = h[:, :C] * h[:, C:] if mixer == "simple" else layers.gelu(h)
     exact = (h @ p["project_out.weight"][:, :, 0, 0].T).reshape(B, H, W, C + 1).transpose(0, 3, 1, 2)
-    assert strips.shape == (B, C + 1, H, W)
+    assert in_strips.shape == (B, C + 1, H, W)
     scale = np.abs(exact).max() + 1e-6
-    assert np.abs(strips - whole).max() / scale < 1e-5
-    assert np.abs(strips - exact).max() / scale < 1e-5
+    assert np.abs(in_strips - whole).max() / scale < 1e-5
+    assert np.abs(in_strips - exact).max() / scale < 1e-5

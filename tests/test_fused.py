@@ -9,10 +9,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eamamba_ref.reference import layers, mhssm as mhssm_module
+from eamamba_ref.reference import layers
+from eamamba_ref.reference.ops import NUMPY
+from eamamba_ref.runtime.backends import table
 from eamamba_ref.io.config import MambaConfig, ModelConfig
-from eamamba_ref.reference.mhssm import mhssm, mhssm_parameter_shapes
-from eamamba_ref.reference.model import EAMamba, init_params
+from eamamba_ref.reference.mhssm import mhssm
+from eamamba_ref.reference.parameters import mhssm_parameter_shapes
+from eamamba_ref.runtime.model import EAMamba
+from eamamba_ref.reference.parameters import init_params
 from eamamba_ref.kernels.cpu import fused
 
 
@@ -48,16 +52,19 @@ def test_fused_mhssm_matches_numpy_backend(scan, C, expand, d_state, disable_z, 
     rng = np.random.default_rng(C + d_state)
     p = random_params(C, cfg, rng)
     x = rng.standard_normal((batch, C, size[0] * size[1])).astype(np.float32)
-    ref = mhssm(p, x, size, cfg, backend="numpy")
-    got = fused.mhssm_numba(p, x, size, cfg)
+    ref = mhssm(p, x, size, cfg, NUMPY)
+    got = fused.mhssm(p, x, size, cfg, table("numba"))
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert rel_err(got, ref.astype(np.float64)) <= 1e-5
 
 
-def test_numba_backend_dispatches_to_the_fused_path_only_where_it_applies(monkeypatch):
+def test_numba_backend_runs_the_fused_kernels_only_where_they_apply(monkeypatch):
+    """The 'numba' table's mhssm fuses 'concate' heads with the 2-D conv and runs the reference
+    composition otherwise; the 'numpy' table never reaches the kernels."""
+    assert table("numba").mhssm is fused.mhssm and table("numpy").mhssm is mhssm
     calls = []
-    original = fused.mhssm_numba
-    monkeypatch.setattr(fused, "mhssm_numba", lambda *a: calls.append(a) or original(*a))
+    original = fused.fused_mhssm
+    monkeypatch.setattr(fused, "fused_mhssm", lambda *a: calls.append(a) or original(*a))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 16, 12)).astype(np.float32)
     for merge, conv_2d, backend, expected in [("concate", True, "numba", 1), ("add", True, "numba", 0),
@@ -65,7 +72,8 @@ def test_numba_backend_dispatches_to_the_fused_path_only_where_it_applies(monkey
         cfg = MambaConfig(scan_type="diagonal", scan_count=4, scan_merge_method=merge, conv_2d=conv_2d,
                           d_conv=3 if conv_2d else 4, expand=1)
         calls.clear()
-        mhssm(random_params(16, cfg, rng), x, (3, 4), cfg, backend=backend)
+        ops = table(backend)
+        ops.mhssm(random_params(16, cfg, rng), x, (3, 4), cfg, ops)
         assert len(calls) == expected, (merge, conv_2d, backend)
 
 
@@ -99,7 +107,7 @@ def test_whole_model_numba_matches_numpy_backend():
     cfg = ModelConfig.from_args("eamamba", args)
     params = init_params(cfg, seed=3)
     x = np.random.default_rng(4).random((1, 3, 24, 16), dtype=np.float32)
-    assert mhssm_module._fused(x, cfg.mamba, "numba")
+    assert fused.fusable(cfg.mamba)
     ref = EAMamba(cfg, params, backend="numpy")(x)
     got = EAMamba(cfg, params, backend="numba")(x)
     assert rel_err(got, ref.astype(np.float64)) <= 1e-5

@@ -248,20 +248,29 @@ def test_unsupported_indexing_is_a_clear_error(results):
     assert results["sim"]["index_errors"] == results["gpu"]["index_errors"] == 4
 
 
-def test_ops_looks_up_cpu_functions_at_call_time(monkeypatch):
-    """bench_model.py's per-stage profile wraps `layers.conv2d` & co.; the dispatcher must see that."""
-    import numpy as np
+def test_the_cuda_table_has_a_device_function_for_every_operation():
+    """Every entry of the 'cuda' backend is a DeviceTensor function that takes the reference
+    function's required arguments positionally (as the model passes them), except the MHSSM and the
+    FFN, which the reference composes from the other entries."""
+    import inspect
 
-    from eamamba_ref.reference import layers
-    from eamamba_ref.runtime import ops
+    from eamamba_ref.kernels.cuda import tensor
+    from eamamba_ref.reference.ops import NUMPY, Ops
+    from eamamba_ref.runtime import backends
 
-    calls = []
-    original = layers.conv2d
-    monkeypatch.setattr(layers, "conv2d", lambda *a, **k: calls.append(1) or original(*a, **k))
-    ops.conv2d(np.ones((1, 2, 3, 3), np.float32), np.ones((1, 2, 1, 1), np.float32))
-    assert calls == [1]
-    with pytest.raises(TypeError, match="NumPy array or a DeviceTensor"):
-        ops.conv2d([[1.0]], np.ones((1, 1, 1, 1), np.float32))
+    cuda_ops = backends._table("cuda")            # built without a GPU: nothing runs here
+    for name in Ops._fields:
+        device_fn, reference_fn = getattr(cuda_ops, name), getattr(NUMPY, name)
+        if name in ("mhssm", "channel_mixer"):
+            assert device_fn is reference_fn
+            continue
+        assert device_fn is getattr(tensor, name), name
+        try:
+            wanted = [q.name for q in inspect.signature(reference_fn).parameters.values()
+                      if q.default is q.empty and q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+        except ValueError:                         # a NumPy builtin (np.exp): no signature to compare
+            continue
+        inspect.signature(device_fn).bind(*wanted)     # raises TypeError if it cannot take them
 
 
 def test_uploads_have_canonical_strides_so_real_device_reshapes_work():

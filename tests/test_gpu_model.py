@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     from eamamba_ref.io.config import ModelConfig
-    from eamamba_ref.reference.model import EAMamba, init_params
+    from eamamba_ref.runtime.model import EAMamba
+    from eamamba_ref.reference.parameters import init_params
     from eamamba_ref.kernels.cuda import kernels as K
     from eamamba_ref.kernels.cuda import scan as gpu_scan
 

@@ -13,7 +13,8 @@ from eamamba_ref.apps import restore, tasks
 from eamamba_ref.io.checkpoint import save_converted
 from eamamba_ref.io.config import ModelConfig
 from eamamba_ref.io.images import read_image, write_image
-from eamamba_ref.reference.model import EAMamba, init_params
+from eamamba_ref.runtime.model import EAMamba
+from eamamba_ref.reference.parameters import init_params
 
 ARGS = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, ffn_expansion_factor=2, bias=False,
             layernorm_type="WithBias", channel_mixer_type="Simple",

@@ -108,10 +108,12 @@ def test_conv2d_matches_torch(case):
 def test_conv2d_blocked_paths_match_torch(monkeypatch, c_in, c_out, k, groups):
     """Tiny cache blocks force many im2col row blocks (with a short last one) and many depthwise
     channel blocks, which the realistic block sizes only reach on big maps."""
-    monkeypatch.setattr(layers, "GEMM_BLOCK_PIXELS", 30)  # 3 rows of W=10 per block -> 4 blocks for 11 rows
-    monkeypatch.setattr(layers, "_DEPTHWISE_BLOCK", 2 * 2 * 11 * 10)  # 2 channels per block at B=2
+    from eamamba_ref.kernels.cpu import gemm
+    from eamamba_ref.runtime.backends import table
+    monkeypatch.setattr(gemm, "GEMM_BLOCK_PIXELS", 30)  # 3 rows of W=10 per block -> 4 blocks for 11 rows
+    monkeypatch.setattr(gemm, "DEPTHWISE_BLOCK", 2 * 2 * 11 * 10)  # 2 channels per block at B=2
     x, w, b = randn(0, 2, c_in, 11, 10), randn(1, c_out, c_in // groups, k, k), randn(2, c_out)
-    out = conv2d(x, w, b, padding=k // 2, groups=groups)
+    out = table("numba").conv2d(x, w, b, padding=k // 2, groups=groups)
     assert rel_err(out, _torch_conv(x, w, b, k // 2, groups)) <= CONV_TOL
 
 

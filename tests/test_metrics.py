@@ -13,7 +13,7 @@ from eamamba_ref.apps import evaluate, metrics
 from eamamba_ref.io.checkpoint import save_converted
 from eamamba_ref.io.config import ModelConfig
 from eamamba_ref.io.images import write_image
-from eamamba_ref.reference.model import init_params
+from eamamba_ref.reference.parameters import init_params
 
 
 def official_ssim(pred, gt):

@@ -19,7 +19,10 @@ from hypothesis import given, settings, strategies as st
 
 from eamamba_ref.reference import scans
 from eamamba_ref.io.config import RELEASED_MAMBA, MambaConfig
-from eamamba_ref.reference.mhssm import mhssm, mhssm_parameter_shapes
+from eamamba_ref.reference.mhssm import mhssm
+from eamamba_ref.reference.ops import NUMPY
+from eamamba_ref.runtime.backends import table
+from eamamba_ref.reference.parameters import mhssm_parameter_shapes
 
 
 def rel_err(a, b):
@@ -177,7 +180,7 @@ def test_mhssm_matches_float64_official_composition(scan, merge, expand, conv_2d
     H, W = size
     tokens = rng.standard_normal((batch, H * W, C)).astype(np.float32)
     expected = mhssm64(p, tokens.astype(np.float64), size, cfg)               # (B, L, C)
-    got = mhssm(p, np.ascontiguousarray(tokens.transpose(0, 2, 1)), size, cfg)  # (B, C, L)
+    got = mhssm(p, np.ascontiguousarray(tokens.transpose(0, 2, 1)), size, cfg, NUMPY)  # (B, C, L)
     assert got.dtype == np.float32 and got.shape == (batch, C, H * W)
     assert rel_err(got.transpose(0, 2, 1), expected) <= 2e-5
 
@@ -188,8 +191,9 @@ def test_mhssm_backends_agree(backend):
     rng = np.random.default_rng(3)
     p = random_params(32, cfg, rng)
     x = rng.standard_normal((1, 32, 48)).astype(np.float32)
-    ref = mhssm(p, x, (6, 8), cfg, backend="numpy")
-    assert rel_err(mhssm(p, x, (6, 8), cfg, backend=backend), ref.astype(np.float64)) <= 1e-5
+    ref = mhssm(p, x, (6, 8), cfg, NUMPY)
+    ops = table(backend)
+    assert rel_err(ops.mhssm(p, x, (6, 8), cfg, ops), ref.astype(np.float64)) <= 1e-5
 
 
 def test_mhssm_matches_pytorch_reference():
@@ -207,5 +211,5 @@ def test_mhssm_matches_pytorch_reference():
         tokens = torch.randn(2, 6 * 10, 32)
         with torch.no_grad():
             expected = module(tokens, (6, 10)).numpy()
-        got = mhssm(p, np.ascontiguousarray(tokens.numpy().transpose(0, 2, 1)), (6, 10), cfg)
+        got = mhssm(p, np.ascontiguousarray(tokens.numpy().transpose(0, 2, 1)), (6, 10), cfg, NUMPY)
         assert rel_err(got.transpose(0, 2, 1), expected.astype(np.float64)) <= 1e-4

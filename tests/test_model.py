@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from eamamba_ref.io.config import ConfigError, ModelConfig
-from eamamba_ref.reference.model import EAMamba, init_params, parameter_shapes
+from eamamba_ref.runtime.model import EAMamba
+from eamamba_ref.reference.parameters import init_params, parameter_shapes
 
 torch = pytest.importorskip("torch")
 torch_ref = pytest.importorskip("eamamba_ref.pytorch")

@@ -17,7 +17,8 @@ before = dict(os.environ)
 import eamamba_ref
 import numpy as np, warnings
 from eamamba_ref.io.config import ModelConfig
-from eamamba_ref.reference.model import EAMamba, init_params
+from eamamba_ref.runtime.model import EAMamba
+from eamamba_ref.reference.parameters import init_params
 imported = dict(os.environ)
 cfg = ModelConfig.from_args("eamamba", dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=0))
 model = EAMamba(cfg, init_params(cfg, 0))

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 
 from eamamba_ref.apps import oracle
-from eamamba_ref.runtime import ops, backends as ssm, trace
-from eamamba_ref.kernels.cpu import fused
+from eamamba_ref.reference import hooks, layers
+from eamamba_ref.reference.ops import NUMPY
+from eamamba_ref.runtime import trace
+from eamamba_ref.kernels.cpu import fused, scan, strips
 from eamamba_ref.apps.tasks import WEIGHTS_DIR
 from eamamba_ref.io.checkpoint import save_converted
 from eamamba_ref.io.config import ModelConfig
 from eamamba_ref.io.loading import load
-from eamamba_ref.reference.model import init_params
+from eamamba_ref.reference.parameters import init_params
 
 ARGS = dict(dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
             mamba_cfg=dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_state=4,
@@ -113,9 +115,9 @@ def test_tracing_runs_the_fused_kernels_and_keeps_the_output_bitwise(denoiser, m
 
     def plain_scan(*args, **kwargs):
         raise AssertionError("the plain composition's selective scan ran")
-    monkeypatch.setattr(ssm, "selective_scan", plain_scan)       # what ops.selective_scan dispatches to
+    monkeypatch.setattr(scan, "selective_scan", plain_scan)      # the scan of the plain composition
 
-    denoiser.backend = "numba"
+    denoiser.backend = "numba"                                   # binds the table now: with plain_scan
     untraced = denoiser(denoiser_input())
     n_untraced = len(calls)
     values = oracle.trace_numpy(denoiser, denoiser_input())
@@ -155,40 +157,40 @@ def test_fused_and_plain_traces_name_the_same_stages_and_agree(denoiser):
 
 
 def test_a_stage_computed_in_row_strips_is_recorded_whole():
+    """The 'numba' FFN runs in row strips; its trace holds whole maps assembled from them."""
     rng = np.random.default_rng(2)
-    p = {"w.weight": rng.standard_normal((5, 3, 1, 1)).astype(np.float32)}
+    p = {"project_in.weight": rng.standard_normal((5, 3, 1, 1)).astype(np.float32),
+         "project_out.weight": rng.standard_normal((3, 5, 1, 1)).astype(np.float32)}
     x = rng.standard_normal((2, 3, 7, 4)).astype(np.float32)
-
-    def fn(strip):
-        from eamamba_ref.reference.model import conv
-        return conv(p, "w", strip) * 2
     with trace.recording() as rec:
-        out = ops.by_row_strips(fn, x, pixels=8)                  # strips of 2 rows: 4 calls
-    whole = ops.conv2d(x, p["w.weight"], None, padding=0)
-    np.testing.assert_allclose(rec.values["w"], whole, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(out, rec.values["w"] * 2)
+        out = strips.channel_mixer(p, x, "ffn", NUMPY, pixels=8)  # strips of 2 rows: 4 calls
+    hidden = layers.conv2d(x, p["project_in.weight"])
+    np.testing.assert_allclose(rec.values["ffn.project_in"], hidden, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, layers.conv2d(layers.gelu(hidden), p["project_out.weight"]),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(rec.values["ffn"], out)
 
 
 def test_traced_records_hooks_scopes_and_parts_in_order():
-    @trace.traced("inner")
+    @hooks.traced("inner")
     def inner(v):
         return v + 1
 
-    @trace.traced(lambda a: (a["name"], a["name"] + ".alias"), scope=lambda a: a["name"],
+    @hooks.traced(lambda a: (a["name"], a["name"] + ".alias"), scope=lambda a: a["name"],
                   before=lambda a: {"pre": a["v"] * 10}, after=lambda a, r: {"post": r - 100},
                   view=lambda r: -r)
     def outer(name, v):
         v[...] = 0                              # overwrites its input: `before` saw it first
         return inner(v) * 3
 
-    @trace.traced(after=lambda a, r: {"halves": trace.Part(r, (slice(a["i"], a["i"] + 1),), (3,))})
+    @hooks.traced(after=lambda a, r: {"halves": hooks.Part(r, (slice(a["i"], a["i"] + 1),), (3,))})
     def half(i):
         return np.float32(i + 0.5)
 
     v = np.full(2, 2.0, np.float32)
-    assert not trace.is_recording()
+    assert not hooks.is_recording()
     with trace.recording() as rec:
-        assert trace.is_recording()
+        assert hooks.is_recording()
         assert np.array_equal(outer("blk", v), [3, 3])
         half(0)
         half(2)

@@ -12,7 +12,7 @@ import pytest
 
 from eamamba_ref.apps import profile as P
 from eamamba_ref.io.config import ConfigError, ModelConfig
-from eamamba_ref.reference.model import parameter_shapes
+from eamamba_ref.reference.parameters import parameter_shapes
 
 
 def tiny_args(**over):
@@ -167,7 +167,7 @@ model:
     assert P.resolve_config(str(jpath)) == tiny
 
     from eamamba_ref.io.checkpoint import save_converted
-    from eamamba_ref.reference.model import init_params
+    from eamamba_ref.reference.parameters import init_params
     npz = tmp_path / "tiny.npz"
     save_converted(str(npz), tiny.name, tiny.to_args(), init_params(tiny))
     assert P.resolve_config(str(npz)) == tiny

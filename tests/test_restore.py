@@ -12,7 +12,8 @@ from eamamba_ref.apps import inference, pipeline, restore
 from eamamba_ref.io.checkpoint import save_converted
 from eamamba_ref.io.config import ModelConfig
 from eamamba_ref.io.images import ImageError, read_image, write_image
-from eamamba_ref.reference.model import EAMamba, init_params
+from eamamba_ref.runtime.model import EAMamba
+from eamamba_ref.reference.parameters import init_params
 
 MAMBA = dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_state=4, d_conv=3,
              expand=1, conv_2d=True)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eamamba_ref.reference import layers
+from eamamba_ref.runtime.backends import table
 from eamamba_ref.runtime import threads as runtime
 from eamamba_ref.kernels.cpu import fused
 
@@ -125,7 +125,8 @@ def test_a_layer_the_user_chose_is_kept():
 def test_blas_gets_its_thread_count_back_after_a_forward():
     from threadpoolctl import threadpool_info, threadpool_limits
     from eamamba_ref.io.config import ModelConfig
-    from eamamba_ref.reference.model import EAMamba, init_params
+    from eamamba_ref.runtime.model import EAMamba
+    from eamamba_ref.reference.parameters import init_params
     cfg = ModelConfig.from_args("eamamba", dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=0))
     model = EAMamba(cfg, init_params(cfg, 0))
     blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
@@ -133,16 +134,13 @@ def test_blas_gets_its_thread_count_back_after_a_forward():
         pytest.skip("no BLAS library that threadpoolctl can see")
     with threadpool_limits(2, user_api="blas"):
         seen = []
-        original = layers.matmul
+        original = model.ops.matmul
 
         def spy(a, b, pixels="columns"):
             seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
             return original(a, b, pixels)
-        layers.matmul = spy
-        try:
-            model(np.zeros((1, 3, 16, 16), np.float32))
-        finally:
-            layers.matmul = original
+        model.ops = model.ops._replace(matmul=spy)
+        model(np.zeros((1, 3, 16, 16), np.float32))
         after = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
     assert seen and all(s == {1} for s in seen), seen          # one BLAS thread inside the forward
     assert after == {2}                                          # and the user's count back after
@@ -150,13 +148,14 @@ def test_blas_gets_its_thread_count_back_after_a_forward():
 
 # ------------------------------------------------------------------ in-process partition checks
 def _with_threads(n, fn):
-    """fn() with `runtime.num_threads()` reporting n (the task layouts follow it)."""
-    original = runtime.num_threads
-    runtime.num_threads = lambda: n
+    """fn() with the runtime's pool and the scan kernels seeing n threads (the task layouts follow it)."""
+    from eamamba_ref.kernels.cpu import scan
+    originals = runtime.num_threads, scan.num_threads
+    runtime.num_threads = scan.num_threads = lambda: n
     try:
         return fn()
     finally:
-        runtime.num_threads = original
+        runtime.num_threads, scan.num_threads = originals
 
 
 @settings(max_examples=15, deadline=None)
@@ -168,7 +167,8 @@ def test_blocked_matmul_same_bits_for_any_pool_size_and_close_to_float64(batch, 
         a, b = rng.standard_normal((7, k), np.float32), rng.standard_normal((batch, k, pixels), np.float32)
     else:
         a, b = rng.standard_normal((batch, pixels, k), np.float32), rng.standard_normal((k, 5), np.float32)
-    results = [_with_threads(n, lambda: layers.matmul(a, b, axis)) for n in (1, 2, 3, 5)]
+    matmul = table("numba").matmul
+    results = [_with_threads(n, lambda: matmul(a, b, axis)) for n in (1, 2, 3, 5)]
     for r in results[1:]:
         assert r.tobytes() == results[0].tobytes()
     want = np.matmul(a.astype(np.float64), b.astype(np.float64))
@@ -215,12 +215,12 @@ def test_gemm_pool_works_in_a_forked_child():
     # there instead of queueing blocks for threads that will never run them (a hang).
     script = (
         "import multiprocessing as mp, numpy as np\n"
-        "from eamamba_ref.reference import layers\nfrom eamamba_ref.runtime import threads as runtime\n"
+        "from eamamba_ref.runtime import threads as runtime\nfrom eamamba_ref.runtime.backends import table\n"
         "a, b = np.ones((8, 16), np.float32), np.ones((16, 5000), np.float32)\n"
         "runtime.num_threads = lambda: 2\n"
-        "layers.matmul(a, b)\n"
+        "table('numba').matmul(a, b)\n"
         "def child(q):\n"
-        "    q.put(float(layers.matmul(a, b).sum()))\n"
+        "    q.put(float(table('numba').matmul(a, b).sum()))\n"
         "q = mp.get_context('fork').Queue()\n"
         "p = mp.get_context('fork').Process(target=child, args=(q,))\n"
         "p.start()\n"

@@ -14,7 +14,7 @@ from eamamba_ref.apps import inference
 from eamamba_ref import load
 from eamamba_ref.io.checkpoint import save_converted
 from eamamba_ref.io.config import ModelConfig
-from eamamba_ref.reference.model import init_params
+from eamamba_ref.reference.parameters import init_params
 
 MAMBA = dict(scan_type="diagonal", scan_count=8, scan_merge_method="concate", d_state=4, d_conv=3,
              expand=1, conv_2d=True)

@@ -17,7 +17,8 @@ from eamamba_ref.apps import convert
 from eamamba_ref.io.checkpoint import CheckpointError, load_converted, save_converted
 from eamamba_ref.io.config import ConfigError, ModelConfig
 from eamamba_ref.io.loading import infer_config, load
-from eamamba_ref.reference.model import EAMamba, init_params
+from eamamba_ref.runtime.model import EAMamba
+from eamamba_ref.reference.parameters import init_params
 from eamamba_ref.apps.tasks import TASKS, TaskMismatchError, check_task
 
 GRAY = dict(ARGS, inp_channels=1, out_channels=1)

@@ -19,7 +19,8 @@ import numpy as np
 
 from eamamba_ref.io.checkpoint import CheckpointError, open_state, read_tensors
 from eamamba_ref.io.config import ConfigError, MambaConfig, ModelConfig
-from eamamba_ref.reference.model import EAMamba, parameter_shapes
+from eamamba_ref.runtime.model import EAMamba
+from eamamba_ref.reference.parameters import parameter_shapes
 from eamamba_ref.io.untrusted import brief, clip
 
 # The largest architecture a checkpoint may describe: 10x the official denoising model's 25.3 M.

@@ -6,15 +6,14 @@ PyTorch's parameter layouts (Conv2d weight ``(C_out, C_in // groups, kh, kw)``, 
 ``(out, in)``), so a state dict converted with ``.numpy()`` plugs straight in.
 
 There are no Python loops over pixels: the heavy lifting is done by BLAS (matmul) or by whole-array
-ufuncs on shifted views. The few loops that remain run over kernel taps or cache-sized blocks.
+ufuncs on shifted views. (`kernels.cpu.gemm` computes the same convolutions and products in
+cache-sized blocks, in parallel.)
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy.special import erfc, expit
-
-from eamamba_ref.runtime import threads as runtime
 
 __all__ = [
     "conv2d",
@@ -33,17 +32,6 @@ __all__ = [
     "adaptive_avg_pool_1",
     "bicubic_upsample",
 ]
-
-# Cache blocking. One giant GEMM over all pixels, or one ufunc pass over the whole feature map,
-# streams everything through main memory once per kernel tap; working on blocks that fit in
-# L2 keeps the data hot. Tuned on the 2-core development machine; the optima are broad, so round
-# numbers.
-# GEMMs (and im2col blocks) are cut into blocks of this many output pixels, run in parallel by
-# `runtime`'s pool with BLAS on one thread. The cut depends on the shapes only, never on the
-# thread count, so the result is the same bits for any number of threads (runtime.py).
-GEMM_BLOCK_PIXELS = 1024
-_DEPTHWISE_BLOCK = 1 << 16  # elements of one (B, channels, H_out, W_out) block of a depthwise conv
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -89,18 +77,9 @@ def _vector(v, n: int, name: str) -> np.ndarray:
 # convolution and linear maps
 
 
-def conv2d(x, weight, bias=None, padding=0, groups: int = 1) -> np.ndarray:
-    """2-D cross-correlation with stride 1 and zero padding, like ``torch.nn.functional.conv2d``.
-
-    x: ``(B, C_in, H, W)``; weight: ``(C_out, C_in // groups, kh, kw)``; bias: ``(C_out,)`` or None;
-    padding: int or ``(ph, pw)``. Returns ``(B, C_out, H + 2 ph - kh + 1, W + 2 pw - kw + 1)``.
-
-    Three strategies, picked by shape:
-      * 1x1 dense: one matmul over the ``(B, C_in, H*W)`` view;
-      * depthwise (groups == C_in == C_out): a sum of kh*kw shifted views scaled per channel;
-      * everything else: im2col from strided views, in row blocks, times the weight matrix
-        (grouped convolutions batch the groups in the same matmul).
-    """
+def conv_arguments(x, weight, bias, padding, groups):
+    """Check conv2d's arguments; returns ``(xp, weight, bias, groups, (h_out, w_out))`` with xp the
+    zero-padded float32 input ``(B, C_in, H + 2 ph, W + 2 pw)``."""
     x = _f32(x, "x")
     weight = _f32(weight, "weight")
     _check_rank(x, 4, "x", "(B, C, H, W)")
@@ -123,86 +102,78 @@ def conv2d(x, weight, bias=None, padding=0, groups: int = 1) -> np.ndarray:
         raise ValueError(f"conv kernel {kh}x{kw} is larger than the padded input {H + 2 * ph}x{W + 2 * pw}")
     if bias is not None:
         bias = _vector(bias, c_out, "conv bias")
-
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+    return xp, weight, bias, groups, (h_out, w_out)
+
+
+def conv2d(x, weight, bias=None, padding=0, groups: int = 1) -> np.ndarray:
+    """2-D cross-correlation with stride 1 and zero padding, like ``torch.nn.functional.conv2d``.
+
+    x: ``(B, C_in, H, W)``; weight: ``(C_out, C_in // groups, kh, kw)``; bias: ``(C_out,)`` or None;
+    padding: int or ``(ph, pw)``. Returns ``(B, C_out, H + 2 ph - kh + 1, W + 2 pw - kw + 1)``.
+
+    Three strategies, picked by shape:
+      * 1x1 dense: one matmul over the ``(B, C_in, H*W)`` view;
+      * depthwise (groups == C_in == C_out): a sum of kh*kw shifted views scaled per channel;
+      * everything else: im2col from strided views times the weight matrix (grouped convolutions
+        batch the groups in the same matmul).
+    """
+    xp, weight, bias, groups, (h_out, w_out) = conv_arguments(x, weight, bias, padding, groups)
+    B, c_in = xp.shape[:2]
+    c_out, _, kh, kw = weight.shape
     if kh == kw == 1 and groups == 1:
-        # (C_out, C_in) @ (B, C_in, H*W): BLAS with the batch broadcast, in blocks of pixels.
+        # (C_out, C_in) @ (B, C_in, H*W): BLAS with the batch broadcast
         out = matmul(weight.reshape(c_out, c_in), xp.reshape(B, c_in, h_out * w_out))
         out = out.reshape(B, c_out, h_out, w_out)
     elif groups == c_in == c_out:
-        out = _depthwise(xp, weight[:, 0], h_out, w_out)
+        out = depthwise(xp, weight[:, 0], h_out, w_out)
     else:
-        out = _im2col_conv(xp, weight, groups, h_out, w_out)
+        out = im2col_conv(xp, weight, groups, h_out, w_out)
     if bias is not None:
         out += bias[:, None, None]
     return out
 
 
-def _depthwise(xp: np.ndarray, w: np.ndarray, h_out: int, w_out: int) -> np.ndarray:
-    """Depthwise conv of the padded ``xp (B, C, Hp, Wp)`` with ``w (C, kh, kw)``: a sum of shifted views.
-
-    Each tap is one multiply-add over a ``(B, c, h_out, w_out)`` block; blocking the channels
-    keeps the block and the accumulator in cache across the kh*kw taps (measured ~2x faster than
-    whole-map passes at (1, 128, 256, 256)).
-    """
-    B, C = xp.shape[:2]
+def depthwise(xp: np.ndarray, w: np.ndarray, h_out: int, w_out: int) -> np.ndarray:
+    """Depthwise conv of the padded ``xp (B, C, Hp, Wp)`` with ``w (C, kh, kw)``: tap (i, j) adds the
+    view of xp shifted by (i, j), scaled per channel. Returns ``(B, C, h_out, w_out)``."""
     kh, kw = w.shape[1:]
-    out = np.empty((B, C, h_out, w_out), np.float32)
-    cb = max(1, _DEPTHWISE_BLOCK // max(1, B * h_out * w_out))
-    tmp = np.empty((B, min(cb, C), h_out, w_out), np.float32)
-    taps = w[:, :, :, None, None]  # (C, kh, kw, 1, 1): per-channel scale of each tap
-    for c0 in range(0, C, cb):
-        c1 = min(c0 + cb, C)
-        acc, t = out[:, c0:c1], tmp[:, : c1 - c0]
-        np.multiply(xp[:, c0:c1, :h_out, :w_out], taps[c0:c1, 0, 0], out=acc)
-        for i in range(kh):
-            for j in range(kw):
-                if i or j:
-                    np.multiply(xp[:, c0:c1, i : i + h_out, j : j + w_out], taps[c0:c1, i, j], out=t)
-                    acc += t
+    taps = w[:, :, :, None, None]                  # (C, kh, kw, 1, 1): per-channel scale of each tap
+    out = xp[:, :, :h_out, :w_out] * taps[:, 0, 0]
+    for i in range(kh):
+        for j in range(kw):
+            if i or j:
+                out += xp[:, :, i:i + h_out, j:j + w_out] * taps[:, i, j]
     return out
 
 
-def _im2col_conv(xp: np.ndarray, weight: np.ndarray, groups: int, h_out: int, w_out: int) -> np.ndarray:
-    """General (grouped) conv of the padded ``xp (B, C_in, Hp, Wp)`` as im2col + matmul.
-
-    The patch matrix ``(groups, C_in/groups * kh * kw, pixels)`` is copied out of a strided
-    sliding-window view a block of output rows at a time (about GEMM_BLOCK_PIXELS columns): a block
-    keeps the copy in cache, caps the extra memory, and is one task of `runtime`'s pool (the
-    blocks depend on the shapes only, so any number of threads gives the same bits).
-    """
+def im2col_patches(xp: np.ndarray, kh: int, kw: int, groups: int, h_out: int, w_out: int) -> np.ndarray:
+    """The patches of the padded ``xp (B, C_in, Hp, Wp)`` as a strided view
+    ``(B, groups, C_in/groups, kh, kw, h_out, w_out)``: element [b, g, c, i, j, y, x] is input pixel
+    (y + i, x + j) of channel g*C_in/groups + c. No copy."""
     B, c_in = xp.shape[:2]
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))  # (B, C, h, w, kh, kw)
+    return win.reshape(B, groups, c_in // groups, h_out, w_out, kh, kw).transpose(0, 1, 2, 5, 6, 3, 4)
+
+
+def im2col_conv(xp: np.ndarray, weight: np.ndarray, groups: int, h_out: int, w_out: int) -> np.ndarray:
+    """General (grouped) conv of the padded ``xp (B, C_in, Hp, Wp)`` as im2col + matmul: the patch
+    matrix ``(B, groups, C_in/groups * kh * kw, pixels)`` times the weights ``(groups, C_out/groups,
+    C_in/groups * kh * kw)``. Returns ``(B, C_out, h_out, w_out)``."""
+    B = xp.shape[0]
     c_out, cg, kh, kw = weight.shape
     k = cg * kh * kw
-    w_mat = weight.reshape(groups, c_out // groups, k)
-    # (B, C_in, h_out, w_out, kh, kw) view -> (B, G, C_in/G, kh, kw, h_out, w_out) view, no copy
-    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
-    win = win.reshape(B, groups, cg, h_out, w_out, kh, kw).transpose(0, 1, 2, 5, 6, 3, 4)
-
-    rows = max(1, min(h_out, GEMM_BLOCK_PIXELS // w_out))
-    per_image = -(-h_out // rows)
-    out = np.empty((B, groups, c_out // groups, h_out * w_out), np.float32)
-
-    def block(task):
-        b, r0 = divmod(task, per_image)
-        r0 *= rows
-        n = min(rows, h_out - r0)
-        patches = np.empty((groups, cg, kh, kw, n, w_out), np.float32)
-        np.copyto(patches, win[b, ..., r0 : r0 + n, :])
-        np.matmul(w_mat, patches.reshape(groups, k, n * w_out), out=out[b, :, :, r0 * w_out : (r0 + n) * w_out])
-
-    runtime.parallel_for(block, B * per_image)
+    patches = im2col_patches(xp, kh, kw, groups, h_out, w_out).reshape(B, groups, k, h_out * w_out)
+    out = matmul(weight.reshape(groups, c_out // groups, k), patches)
     return out.reshape(B, c_out, h_out, w_out)
 
 
 def matmul(a, b, pixels: str = "columns") -> np.ndarray:
-    """``np.matmul(a, b)`` (float32, batch axes broadcast) computed in blocks of GEMM_BLOCK_PIXELS
-    output pixels on `runtime`'s pool, each block a one-thread BLAS call.
+    """``np.matmul(a, b)`` in float32 (batch axes broadcast).
 
-    pixels: 'columns' when the pixels are the last axis of b and of the result (``W @ X``, X
-    ``(..., K, P)`` -> ``(..., M, P)``); 'rows' when they are the second-last axis of a and of the
-    result (``X @ W``, X ``(..., P, K)`` -> ``(..., P, N)``). Any strides: every block is a view.
-    The blocks depend on the shapes only, so the bits do not depend on the thread count.
+    pixels: 'columns' or 'rows', where the pixels of the product are (the last axis, ``W @ X``, or
+    the second-last, ``X @ W``). The result does not depend on it: it tells a kernel that computes
+    the product in blocks of pixels (`kernels.cpu.gemm.matmul`) where to cut.
     """
     if pixels not in ("columns", "rows"):
         raise ValueError(f"pixels must be 'columns' or 'rows', got {pixels!r}")
@@ -210,20 +181,7 @@ def matmul(a, b, pixels: str = "columns") -> np.ndarray:
     b = _f32(b, "b")
     if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"matmul needs (..., M, K) @ (..., K, N), got {a.shape} @ {b.shape}")
-    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    out = np.empty(batch + (a.shape[-2], b.shape[-1]), np.float32)
-    columns = pixels == "columns"
-    n = out.shape[-1] if columns else out.shape[-2]
-
-    def block(i):
-        s = slice(i * GEMM_BLOCK_PIXELS, min(n, (i + 1) * GEMM_BLOCK_PIXELS))
-        if columns:
-            np.matmul(a, b[..., s], out=out[..., s])
-        else:
-            np.matmul(a[..., s, :], b, out=out[..., s, :])
-
-    runtime.parallel_for(block, -(-n // GEMM_BLOCK_PIXELS))
-    return out
+    return np.matmul(a, b)
 
 
 def linear(x, weight, bias=None) -> np.ndarray:

@@ -17,18 +17,16 @@ channels, K scan directions, C' channels per direction, N = d_state, R = dt_rank
 
 The official module takes tokens `(B, L, C)`; here activations stay channel-first `(B, C, L)`, the
 layout the projections' matrix products want, which saves two transposes per block.
+
+Every function takes `ops`, the table of functions the forward pass calls (`reference.ops`): with
+`reference.ops.NUMPY` this file runs exactly the NumPy code of this folder.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from eamamba_ref.runtime import ops, backends as ssm
-from eamamba_ref.reference import scans
-from eamamba_ref.kernels.cpu import fused
-from eamamba_ref.runtime.trace import traced
+from eamamba_ref.reference.hooks import traced
 
 
-def depthwise_conv(x, weight, bias, size, conv_2d):
+def depthwise_conv(x, weight, bias, size, conv_2d, ops):
     """The depthwise conv of the MHSSM on `x (B, d, L)` of an (H, W) map -> `(B, d, L)`.
 
     conv_2d: a k x k conv over the map with 'same' zero padding (k odd).
@@ -37,14 +35,14 @@ def depthwise_conv(x, weight, bias, size, conv_2d):
              Written here as a 1 x k conv of the (B, d, 1, L) "image" with the same padding.
     """
     B, d, L = x.shape
-    y = conv_module(x, weight, bias, size, conv_2d)
+    y = conv_module(x, weight, bias, size, conv_2d, ops)
     if conv_2d:
         return y.reshape(B, d, L)
     return ops.contiguous(y[:, :, :L])
 
 
 @traced("conv")
-def conv_module(x, weight, bias, size, conv_2d):
+def conv_module(x, weight, bias, size, conv_2d, ops):
     """What the official `conv` module outputs for `x (B, d, L)`: `(B, d, H, W)` for the 2-D conv,
     `(B, d, L + k - 1)` for the 1-D one (before the causal trim to L)."""
     B, d, L = x.shape
@@ -56,7 +54,7 @@ def conv_module(x, weight, bias, size, conv_2d):
     return y.reshape(B, d, L + k - 1)
 
 
-def _linear(p, name, x):
+def _linear(p, name, x, ops):
     """nn.Linear `name` over the channels of `x (B, C, L)`: weight `(O, C)`, optional bias -> `(B, O, L)`."""
     out = ops.matmul(p[f"{name}.weight"], x)
     if f"{name}.bias" in p:
@@ -65,54 +63,76 @@ def _linear(p, name, x):
 
 
 # The stages of the plain composition, each recorded under its name while a trace is recording.
+# The stages of the module, each a boundary named after the official stage (reference.hooks).
 @traced("in_proj")
-def in_projection(p, x):
+def in_projection(p, x, ops):
     """in_proj on `x (B, C, L)` -> `(B, 2d, L)` (x then z; `(B, d, L)` without the z branch)."""
-    return _linear(p, "in_proj", x)
+    return _linear(p, "in_proj", x, ops)
+
+
+@traced("act")
+def activation(x, ops):
+    """SiLU after the depthwise conv, `(B, d, L)`."""
+    return ops.silu(x)
+
+
+@traced("all_around")
+def all_around(x, size, kind, ops):
+    """The all-around transform: `(B, d, L)` -> K directional sequences `(B, K, C', L)`."""
+    return ops.all_around(x, size, *kind)
 
 
 @traced("x_proj")
-def x_projection(weight, xs):
+def x_projection(weight, xs, ops):
     """Per-direction x_proj: `(K, R + 2N, C')` on `(B, K, C', L)` -> `(B, K, R + 2N, L)`."""
     return ops.matmul(weight, xs)
 
 
 @traced("dt_proj")
-def dt_projection(weight, dt_in):
+def dt_projection(weight, dt_in, ops):
     """Per-direction dt_proj (before its bias): `(K, C', R)` on `(B, K, R, L)` -> `(B, K, C', L)`."""
     return ops.matmul(weight, dt_in)
 
 
+@traced("selective_scan")
+def selective_scan(u, delta, A, B, C, D, delta_bias, ops):
+    """The scan of every direction's channels: u, delta `(B, K*C', L)`, A `(K*C', N)`, B and C
+    `(B, K, N, L)` (group k = head k), D and delta_bias `(K*C',)` -> `(B, K*C', L)`."""
+    return ops.selective_scan(u, delta, A, B, C, D=D, delta_bias=delta_bias, delta_softplus=True)
+
+
+@traced("restore")
+def restore(y, size, kind, ops):
+    """Back to row-major order and merged: `(B, K, C', L)` -> `(B, d, L)`."""
+    return ops.restore(y, size, *kind)
+
+
+@traced("out_norm")
+def out_norm(y, weight, bias, ops):
+    """LayerNorm over the channels of `y (B, d, L)`."""
+    return ops.layer_norm(y, weight, bias, eps=1e-5, axis=1)
+
+
 @traced("gate")
-def gate(y, z):
+def gate(y, z, ops):
     """`y * silu(z)`, both `(B, d, L)`."""
     return y * ops.silu(z)
 
 
 @traced("out_proj")
-def out_projection(p, y):
+def out_projection(p, y, ops):
     """out_proj on `y (B, d, L)` -> `(B, C, L)`."""
-    return _linear(p, "out_proj", y)
-
-
-activation = traced("act")(ops.silu)
-all_around = traced("all_around")(ops.all_around)
-selective_scan = traced("selective_scan")(ops.selective_scan)
-restore = traced("restore")(ops.restore)
-out_norm = traced("out_norm")(ops.layer_norm)
+    return _linear(p, "out_proj", y, ops)
 
 
 @traced("mamba", scope="mamba")
-def mhssm(p, x, size, cfg, backend=None):
+def mhssm(p, x, size, cfg, ops):
     """MHSSM forward. p: the block's `mamba.*` parameters (official names, prefix stripped).
 
     x: `(B, C, L)` layer-normed features of an (H, W) map, channel-first, L = H*W.
-    cfg: `config.MambaConfig`. Returns `(B, C, L)`. A trace records the output as `mamba` and the
-    stages inside as `mamba.in_proj`, `mamba.conv`, `mamba.act`, ... (the fused kernels record
-    the same stages: `ssm/fused.py`).
+    cfg: `io.config.MambaConfig`. Returns `(B, C, L)`. A trace records the output as `mamba` and
+    the stages inside as `mamba.in_proj`, `mamba.conv`, `mamba.act`, ...
     """
-    if _fused(x, cfg, backend):
-        return fused.mhssm_numba(p, x, size, cfg)
     B, C, L = x.shape
     d = cfg.d_inner(C)
     N = cfg.d_state
@@ -121,66 +141,29 @@ def mhssm(p, x, size, cfg, backend=None):
     kind = (cfg.scan_type, cfg.scan_count, cfg.scan_merge_method)
 
     # 1. input projection and the gate branch: (B, C, L) -> x (B, d, L), z (B, d, L)
-    xz = in_projection(p, x)
+    xz = in_projection(p, x, ops)
     xs, z = (xz, None) if cfg.disable_z_branch else (xz[:, :d], xz[:, d:])
 
     # 2. local mixing: depthwise conv then SiLU
-    xs = activation(depthwise_conv(xs, p["conv.weight"], p.get("conv.bias"), size, cfg.conv_2d))
+    xs = activation(depthwise_conv(xs, p["conv.weight"], p.get("conv.bias"), size, cfg.conv_2d, ops), ops)
 
     # 3. all-around transform: K directional sequences (B, K, C', L)
-    xs = all_around(xs, size, *kind)
+    xs = all_around(xs, size, kind, ops)
 
     # 4. input-dependent SSM parameters, per direction (the "selective" part)
-    x_dbl = x_projection(p["x_proj_weight"], xs)                      # (B, K, R + 2N, L)
-    dts = dt_projection(p["dt_projs_weight"], x_dbl[:, :, :R])         # (B, K, C', L)
+    x_dbl = x_projection(p["x_proj_weight"], xs, ops)                 # (B, K, R + 2N, L)
+    dts = dt_projection(p["dt_projs_weight"], x_dbl[:, :, :R], ops)    # (B, K, C', L)
     Bs = ops.contiguous(x_dbl[:, :, R:R + N])                  # (B, K, N, L): group k = head k
     Cs = ops.contiguous(x_dbl[:, :, R + N:])                   # (B, K, N, L)
     A = -ops.exp(p["A_logs"])                                         # (K*C', N)
 
     # 5. one selective scan over all K*C' channels; channel j belongs to head j // C'
     y = selective_scan(xs.reshape(B, K * Cp, L), dts.reshape(B, K * Cp, L), A, Bs, Cs,
-                       D=p["Ds"], delta_bias=p["dt_projs_bias"].reshape(-1),
-                       delta_softplus=True, backend=backend)         # (B, K*C', L)
+                       p["Ds"], p["dt_projs_bias"].reshape(-1), ops)   # (B, K*C', L)
 
     # 6. back to row-major order, merge directions, normalise, gate, project out
-    y = restore(y.reshape(B, K, Cp, L), size, *kind)                  # (B, d, L)
-    y = out_norm(y, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5, axis=1)
+    y = restore(y.reshape(B, K, Cp, L), size, kind, ops)              # (B, d, L)
+    y = out_norm(y, p["out_norm.weight"], p["out_norm.bias"], ops)
     if z is not None:
-        y = gate(y, z)
-    return out_projection(p, y)                                       # (B, C, L)
-
-
-def _fused(x, cfg, backend):
-    """The one place where the backend changes the MHSSM: 'numba' runs the fused kernels of
-    `ssm.fused` (same function, no directional copies), which need heads owning separate channels
-    ('concate' merge, or one direction) and the 2-D conv. A trace records the same stages on
-    either path, so recording changes nothing here."""
-    return (ssm.resolve_backend(backend) == "numba" and isinstance(x, np.ndarray) and cfg.conv_2d
-            and (cfg.scan_merge_method == "concate" or cfg.scan_count == 1))
-
-
-def mhssm_parameter_shapes(d_model, cfg):
-    """Official state-dict names and shapes of one MHSSM, for checking checkpoints and random init."""
-    d = cfg.d_inner(d_model)
-    N = cfg.d_state
-    R = cfg.resolved_dt_rank(d_model)
-    K, Cp = cfg.heads(d_model)
-    k = cfg.d_conv
-    shapes = {
-        "in_proj.weight": (d if cfg.disable_z_branch else 2 * d, d_model),
-        "conv.weight": (d, 1, k, k) if cfg.conv_2d else (d, 1, k),
-        "x_proj_weight": (K, R + 2 * N, Cp),
-        "dt_projs_weight": (K, Cp, R),
-        "dt_projs_bias": (K, Cp),
-        "A_logs": (K * Cp, N),
-        "Ds": (K * Cp,),
-        "out_norm.weight": (d,),
-        "out_norm.bias": (d,),
-        "out_proj.weight": (d_model, d),
-    }
-    if cfg.conv_bias:
-        shapes["conv.bias"] = (d,)
-    if cfg.bias:
-        shapes["in_proj.bias"] = (shapes["in_proj.weight"][0],)
-        shapes["out_proj.bias"] = (d_model,)
-    return shapes
+        y = gate(y, z, ops)
+    return out_projection(p, y, ops)                                  # (B, C, L)

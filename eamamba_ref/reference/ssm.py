@@ -1,4 +1,4 @@
-"""The selective scan in plain NumPy: the readable specification and the oracle for the kernels.
+"""The selective scan (S6) in plain NumPy: the readable specification and the oracle for the kernels.
 
 Semantics of ``selective_scan_ref`` in mamba-ssm 2.2 (state-spaces/mamba), for real A:
 
@@ -38,12 +38,14 @@ def _at_step(M, t, n_channels):
     return np.repeat(step, n_channels // M.shape[1], axis=1)
 
 
-def selective_scan_numpy(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                         delta_softplus=False):
-    """Selective scan of float32 arrays (already validated by the dispatcher).
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """Selective scan of float32 arrays (mamba-ssm's ``selective_scan_ref``, checked arguments:
+    `eamamba_ref.selective_scan` checks user input, then calls this or a kernel).
 
     u, delta: (batch, D, L); A: (D, N); B, C: (D, N) or (batch, G, N, L); D, delta_bias: (D,);
-    z: (batch, D, L). Returns y (batch, D, L) and the last state h (batch, D, N).
+    z: (batch, D, L). Returns y (batch, D, L), or (y, last state h (batch, D, N)) if
+    return_last_state.
     """
     batch, n_channels, length = u.shape
     if delta_bias is not None:
@@ -62,4 +64,5 @@ def selective_scan_numpy(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         y = y + D[:, None] * u
     if z is not None:
         y = y * silu(z)
-    return y.astype(f32, copy=False), h
+    y = y.astype(f32, copy=False)
+    return (y, h) if return_last_state else y

@@ -1,4 +1,15 @@
-"""The selective scan of Mamba (S6), with three interchangeable backends.
+"""Backends: the table of functions a model runs, bound once (`table`), and the selective scan of
+Mamba (S6) as a checked public function on any backend (`selective_scan`).
+
+A backend is a `reference.ops.Ops` table:
+    'numpy'  `reference.ops.NUMPY`: the readable reference, exactly;
+    'numba'  the reference with the parallel CPU kernels of `kernels.cpu` in place of conv2d and
+             matmul (blocked, on the runtime's pool), the blocks' LayerNorm, the selective scan,
+             the MHSSM (fused) and the FFN (by row strips): the default;
+    'cuda'   numba.cuda kernels on GPU arrays (`kernels.cuda.tensor`) for every operation, with
+             the reference's MHSSM and FFN composing them.
+
+The selective scan:
 
     selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend=None)
@@ -16,25 +27,31 @@ Shapes: u, delta, z (batch, D, L); A (D, N); B and C each (D, N) (the same at ev
 D and delta_bias (D,). Returns y (batch, D, L) float32, or (y, last_state) with last_state
 (batch, D, N) float32 when return_last_state is True.
 
-Backends:
-    'numpy'  the readable specification (``reference.py``), one vectorised step per time step;
-    'numba'  the parallel CPU kernel (``cpu.py``), the default;
-    'cuda'   a numba.cuda kernel (``gpu.py``), one thread per (batch, channel). It accepts NumPy
-             arrays (copied to the device; the result comes back as NumPy arrays) or CUDA device
-             arrays (the result stays on the device when u is one).
+Scan kernels:
+    'numpy'  the readable specification (`reference.ssm`), one vectorised step per time step;
+    'numba'  the parallel CPU kernel (`kernels.cpu.scan`);
+    'cuda'   a numba.cuda kernel (`kernels.cuda.scan`), one thread per (batch, channel). It accepts
+             NumPy arrays (copied to the device; the result comes back as NumPy arrays) or CUDA
+             device arrays (the result stays on the device when u is one).
 
-The process-wide default of this function is 'numba'; the environment variable EAMAMBA_BACKEND
-overrides it and ``set_default_backend`` overrides both. (The whole model, `restore` and
-`evaluate` pick 'cuda' where a GPU works: see `pipeline.default_backend`. The CUDA kernels are
-tested in numba's CUDA simulator and were checked on an NVIDIA H200 by benchmarks/gpu_check.py.)
+The process-wide default backend is 'numba'; the environment variable EAMAMBA_BACKEND (read, never
+written) overrides it and ``set_default_backend`` overrides both. A model binds its table when it
+is made. (`restore` and `evaluate` pick 'cuda' where a GPU works: see `pipeline.default_backend`.
+The CUDA kernels are tested in numba's CUDA simulator and were checked on an NVIDIA H200 by
+benchmarks/gpu_check.py.)
 """
 
+import functools
 import os
 
 import numpy as np
 
+from eamamba_ref.reference.ops import NUMPY, Ops
+from eamamba_ref.runtime import threads
+
 __all__ = [
     "BACKENDS",
+    "table",
     "selective_scan",
     "set_default_backend",
     "get_default_backend",
@@ -98,6 +115,36 @@ def set_default_backend(name):
         if name == "cuda" and not _cuda_available():
             raise RuntimeError("the 'cuda' backend is not available: numba.cuda finds no GPU")
     _default_backend = name
+
+
+# ------------------------------------------------------------------------------------------------
+# The tables
+
+def table(name=None):
+    """The `Ops` table of backend `name` (None: the default backend), made once per process."""
+    name = resolve_backend(name)
+    if name == "cuda" and not _cuda_available():
+        raise RuntimeError("the 'cuda' backend is not available: numba.cuda finds no GPU")
+    return _table(name)
+
+
+@functools.cache
+def _table(name):
+    if name == "numpy":
+        return NUMPY
+    if name == "numba":
+        from eamamba_ref.kernels.cpu import fused, gemm, norms, scan, strips
+        return NUMPY._replace(
+            conv2d=functools.partial(gemm.conv2d, parallel_for=threads.parallel_for),
+            matmul=functools.partial(gemm.matmul, parallel_for=threads.parallel_for),
+            layer_norm_channels=norms.layer_norm_channels,
+            selective_scan=scan.selective_scan,
+            mhssm=fused.mhssm,
+            channel_mixer=strips.channel_mixer,
+        )
+    from eamamba_ref.kernels.cuda import tensor as T
+    return Ops(**{name: getattr(T, name) for name in Ops._fields if name not in ("mhssm", "channel_mixer")},
+               mhssm=NUMPY.mhssm, channel_mixer=NUMPY.channel_mixer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,17 +243,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y = np.zeros((batch, n_channels, length), dtype=np.float32)
         last_state = np.zeros((batch, n_channels, n_state), dtype=np.float32)
     elif name == "numpy":
-        from eamamba_ref.reference.ssm import selective_scan_numpy
-        y, last_state = selective_scan_numpy(u, delta, A, B, C, D, z, delta_bias,
-                                             bool(delta_softplus))
+        y, last_state = NUMPY.selective_scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                             return_last_state=True)
     elif name == "numba":
         from eamamba_ref.kernels.cpu.scan import selective_scan_numba
-        y, last_state = selective_scan_numba(u, delta, A, B, C, D, z, delta_bias,
-                                             bool(delta_softplus))
+        threads.start_numba_threads()            # the runtime's choice of threading layer
+        y, last_state = selective_scan_numba(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     else:
         if not _cuda_available():
             raise RuntimeError("the 'cuda' backend is not available: numba.cuda finds no GPU")
         from eamamba_ref.kernels.cuda.scan import selective_scan_cuda
-        y, last_state = selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias,
-                                            bool(delta_softplus))
+        y, last_state = selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return (y, last_state) if return_last_state else y

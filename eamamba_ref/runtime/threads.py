@@ -11,7 +11,7 @@ and whatever the user imported first (NumPy, torch):
   demo denoiser at 96x128 differed in 30,199 output elements, up to 6.6e-7, between
   OPENBLAS_NUM_THREADS=1 and 2), and its idle threads spin for a while after every call, on the
   cores the Numba kernels need next.
-* **GEMMs run on this module's pool** instead: `layers.matmul` cuts every product into blocks of
+* **GEMMs run on this module's pool** instead: `kernels.cpu.gemm` cuts every product into blocks of
   a fixed number of output pixels (a function of the shapes only, never of the thread count),
   and the pool's threads run the blocks, each a one-thread BLAS call. A block's bits depend on
   its inputs alone, so any number of threads gives the same result. Its threads wait on a

@@ -1,6 +1,6 @@
-"""The MHSSM's middle part as fused, parallel Numba kernels (the 'numba' backend's fast path).
+"""The MHSSM as fused, parallel Numba kernels: the 'numba' backend's `mhssm`.
 
-The plain composition (`mhssm.py`, and the 'numpy' backend) gathers the K directional sequences
+The plain composition (`reference/mhssm.py`, which the 'numpy' backend runs) gathers the K directional sequences
 into a `(B, K, C', L)` copy, projects them, scans, and scatters the result back to row-major order:
 five passes over memory that only move data. Two observations remove all of them:
 
@@ -12,15 +12,15 @@ five passes over memory that only move data. Two observations remove all of them
   the C' channels of one pixel and its dt/B/C row, a few contiguous cache lines, whatever the scan
   ordering. (Channel-first rows would cost one cache miss per channel per step on a diagonal sweep.)
 
-Kernels (all float32, all parallel over `prange` tasks), and `mhssm_numba` which strings them
-together with NumPy's BLAS for in_proj, x_proj and out_proj:
+Kernels (all float32, all parallel over `prange` tasks), and `mhssm` which strings them
+together with the backend's `matmul` for in_proj, x_proj and out_proj:
 
     dwconv_silu_pixel_major   depthwise k x k conv + bias + SiLU, (B, d, H, W) -> (B, L, d)
     directional_scan          dt_proj + delta_bias + softplus + scan + D skip, gather/scatter fused
     layer_norm_gate           LayerNorm over channels * SiLU(z), in place on (B, L, d)
 
-A trace (`eamamba_ref.runtime.trace`) records the plain composition's stage names from these functions'
-boundaries, without changing what runs: the kernels' inputs and outputs, transposed or put in scan
+A trace records the plain composition's stage names from these functions' boundaries
+(`reference.hooks`), without changing what runs: the kernels' inputs and outputs, transposed or put in scan
 order, and, recomputed only while recording, the three stages the kernels never store (the conv
 before its SiLU, dt_proj, the LayerNorm before its gate).
 
@@ -35,24 +35,27 @@ inline in the prange body).
 import numpy as np
 from numba import njit, prange
 
-from eamamba_ref.reference import layers
-from eamamba_ref.runtime import threads as runtime
+from eamamba_ref.reference import scans
+from eamamba_ref.reference.layers import conv2d
+from eamamba_ref.reference.mhssm import mhssm as reference_mhssm
+from eamamba_ref.kernels.cpu import scan as cpu_scan
 from eamamba_ref.kernels.cpu.scan import (BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS_PER_THREAD,
                                           recurrence)
 from eamamba_ref.kernels.cpu.fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
 from eamamba_ref.kernels.cpu.prefetch import prefetch, prefetch_write
-from eamamba_ref.runtime.trace import Part, traced
+from eamamba_ref.reference.hooks import Part, traced
 
 f32 = np.float32
 LOG2E = f32(1.4426950408889634)
 PREFETCH_STEPS = 32  # how many steps ahead the gather asks for a pixel's rows (16-32 measured best)
 
-__all__ = ["dwconv_silu_pixel_major", "directional_scan", "layer_norm_gate", "channels_per_task"]
+__all__ = ["mhssm", "fusable", "dwconv_silu_pixel_major", "directional_scan", "layer_norm_gate",
+           "channels_per_task"]
 
 
 def channels_per_task(batch, heads, channels_per_head, threads=None):
     """Channels of one head per scan task: up to MAX_TASK_CHANNELS, fewer if that leaves threads idle."""
-    threads = runtime.num_threads() if threads is None else threads
+    threads = cpu_scan.num_threads() if threads is None else threads
     wanted = -(-batch * heads * channels_per_head // (TASKS_PER_THREAD * threads))
     return max(1, min(channels_per_head, MAX_TASK_CHANNELS, wanted))
 
@@ -113,7 +116,6 @@ def _dwconv_silu_kernel(x, w, bias, out):
 def _conv_before_silu(a):
     """Trace hook: the depthwise conv alone, `(B, d, H, W)` (the kernel adds the SiLU before
     anything is stored, so the trace recomputes it from the kernel's inputs)."""
-    from eamamba_ref.reference.layers import conv2d
     k = a["weight"].shape[-1]
     return {"conv": conv2d(a["x"], a["weight"], a["bias"], padding=(k - 1) // 2, groups=a["x"].shape[1])}
 
@@ -372,21 +374,32 @@ def layer_norm_gate(y, z, weight, bias, eps=1e-5):
 
 
 # ------------------------------------------------------------------------------------------------
-def mhssm_numba(p, x, size, cfg):
-    """The MHSSM (`mhssm.mhssm`, same parameters and result) computed with the kernels above.
+def fusable(cfg):
+    """Whether `mhssm` fuses this configuration: the 2-D conv, and heads owning separate channels
+    ('concate' merge, or one direction)."""
+    return cfg.conv_2d and (cfg.scan_merge_method == "concate" or cfg.scan_count == 1)
+
+
+def mhssm(p, x, size, cfg, ops):
+    """`reference.mhssm.mhssm` (same arguments and result, to float32 rounding): fused kernels for
+    the configurations `fusable` accepts, the reference composition (on `ops`) for the others.
+    x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`."""
+    if not fusable(cfg):
+        return reference_mhssm(p, x, size, cfg, ops)
+    return fused_mhssm(p, x, size, cfg, ops)
+
+
+@traced("mamba", scope="mamba")
+def fused_mhssm(p, x, size, cfg, ops):
+    """The MHSSM computed with the kernels above (`fusable` configurations only); `ops.matmul`
+    runs the projections.
 
     Steps 2-6 of the plain composition run pixel-major `(B, L, d)`: the depthwise conv writes its
     output transposed, x_proj runs on the row-major map (it commutes with the reordering), one
     kernel does dt_proj, softplus, the K directional scans and the D skip while reading and writing
     through the directions' index tables, and LayerNorm * SiLU(z) is one more pass. No
-    `(B, K, C', L)` copy is made. Needs the 2-D conv and heads owning separate channels ('concate'
-    or one direction). x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`.
+    `(B, K, C', L)` copy is made. x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`.
     """
-    from eamamba_ref.reference import scans  # the package imports this module: import on use
-
-    if not cfg.conv_2d or (cfg.scan_merge_method != "concate" and cfg.scan_count > 1):
-        raise ValueError("the fused MHSSM needs conv_2d and heads owning separate channels "
-                         "('concate' merge or one direction); use mhssm.mhssm for this configuration")
     B, C, L = x.shape
     d = cfg.d_inner(C)
     K, Cp = cfg.heads(C)
@@ -394,7 +407,7 @@ def mhssm_numba(p, x, size, cfg):
     b_in = p.get("in_proj.bias")
 
     # 1. in_proj, first half: x channel-first for the conv (the gate z comes after the scan)
-    xs = _project_x(w_in, b_in, x, d)                                     # (B, d, L)
+    xs = _project_x(w_in, b_in, x, d, ops)                                # (B, d, L)
 
     # 2. depthwise conv + SiLU, written pixel-major
     u = dwconv_silu_pixel_major(xs.reshape(B, d, *size), p["conv.weight"], p.get("conv.bias"))
@@ -402,7 +415,7 @@ def mhssm_numba(p, x, size, cfg):
 
     # 3-5. x_proj of every pixel, per head; then the fused directional scans
     heads = u.reshape(B, L, K, Cp).transpose(0, 2, 1, 3)                 # (B, K, L, C') view
-    xdbl = layers.matmul(heads, p["x_proj_weight"].transpose(0, 2, 1), "rows")      # (B, K, L, R + 2N)
+    xdbl = ops.matmul(heads, p["x_proj_weight"].transpose(0, 2, 1), "rows")         # (B, K, L, R + 2N)
     table = scans.direction_indices(cfg.scan_type, cfg.scan_count, size)
     y = directional_scan(u, xdbl, table, p["dt_projs_weight"], p["dt_projs_bias"].reshape(-1),
                          -np.exp(p["A_logs"]), p["Ds"])                  # (B, L, d)
@@ -410,11 +423,11 @@ def mhssm_numba(p, x, size, cfg):
 
     # 6. in_proj, second half: the gate z straight to pixel-major (x^T W_z^T), made only now so
     #    that it and xdbl (the largest array here) never coexist: peak memory at 512x512
-    z = None if cfg.disable_z_branch else _project_z(w_in, b_in, x, d)   # (B, L, d)
+    z = None if cfg.disable_z_branch else _project_z(w_in, b_in, x, d, ops)   # (B, L, d)
 
     # 7. LayerNorm * SiLU(z) in place, then out_proj back to channel-first (W_out y^T)
     y = layer_norm_gate(y, z, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5)
-    return _project_out(p, y)                                             # (B, C, L)
+    return _project_out(p, y, ops)                                        # (B, C, L)
 
 
 def _in_proj_part(xs, where, a):
@@ -423,27 +436,27 @@ def _in_proj_part(xs, where, a):
 
 
 @traced(after=lambda a, xs: _in_proj_part(xs, slice(0, a["d"]), a))
-def _project_x(w_in, b_in, x, d):
+def _project_x(w_in, b_in, x, d, ops):
     """in_proj's first d outputs (the SSM input) on `x (B, C, L)`: `(B, d, L)`."""
-    xs = layers.matmul(w_in[:d], x)
+    xs = ops.matmul(w_in[:d], x)
     if b_in is not None:
         xs += b_in[:d, None]
     return xs
 
 
 @traced(after=lambda a, z: _in_proj_part(_channel_first(z), slice(a["d"], None), a))
-def _project_z(w_in, b_in, x, d):
+def _project_z(w_in, b_in, x, d, ops):
     """in_proj's last d outputs (the gate z) on `x (B, C, L)`, pixel-major: `(B, L, d)`."""
-    z = layers.matmul(x.transpose(0, 2, 1), w_in[d:].T, "rows")
+    z = ops.matmul(x.transpose(0, 2, 1), w_in[d:].T, "rows")
     if b_in is not None:
         z += b_in[d:]
     return z
 
 
 @traced("out_proj")
-def _project_out(p, y):
+def _project_out(p, y, ops):
     """out_proj on pixel-major `y (B, L, d)` -> channel-first `(B, C, L)` (W_out y^T)."""
-    out = layers.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))
+    out = ops.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))
     if "out_proj.bias" in p:
         out += p["out_proj.bias"][:, None]
     return out

@@ -35,7 +35,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from eamamba_ref.runtime import threads as runtime
+import numba
 from eamamba_ref.kernels.cpu.fastexp import FASTMATH_REASSOC, TINY, decay_exp2, silu, softplus
 
 f32 = np.float32
@@ -45,6 +45,12 @@ BLOCK = 16  # SIMD block of state indices (see the module docstring)
 CHUNK = 128  # time steps per chunk: B and C chunks of CHUNK x 16 floats each stay in L1
 MAX_TASK_CHANNELS = 8  # channels per task, at most (16 measured slower here than 8)
 TASKS_PER_THREAD = 4  # ... but at least this many tasks per thread where possible, for balance
+
+
+def num_threads():
+    """Numba's thread count for the calling thread: the task layouts of the scans follow it (the
+    results do not: every channel runs the same instructions in whichever task holds it)."""
+    return numba.get_num_threads()
 
 
 def task_layout(batch, n_channels, groups_b, groups_c, threads):
@@ -178,7 +184,7 @@ def scan_kernel(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, run, pe
 
 def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False):
-    """Selective scan with the Numba kernel; same contract as ``selective_scan_numpy``.
+    """Selective scan with the Numba kernel; same contract as ``reference.ssm.selective_scan``.
 
     Inputs are float32 arrays already validated by the dispatcher. Returns (y, last_state).
     """
@@ -195,7 +201,7 @@ def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     bias = zeros if delta_bias is None else np.ascontiguousarray(delta_bias)
     zz = np.zeros((1, 1, 1), dtype=f32) if z is None else np.ascontiguousarray(z)
     run, per_task, tasks_per_run = task_layout(batch, n_channels, Bm.shape[1], Cm.shape[1],
-                                               runtime.num_threads())
+                                               num_threads())
 
     y = np.empty((batch, n_channels, length), dtype=f32)
     last_state = np.empty((batch, n_channels, n_state), dtype=f32)
@@ -203,3 +209,11 @@ def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                 Bm, Cm, Dv, zz, bias, bool(delta_softplus), z is not None, run, per_task,
                 tasks_per_run, y, last_state)
     return y, last_state
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """`reference.ssm.selective_scan` (same signature and result to float32 rounding) with the
+    kernel above; float32 inputs of the shapes the reference takes."""
+    y, last_state = selective_scan_numba(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (y, last_state) if return_last_state else y

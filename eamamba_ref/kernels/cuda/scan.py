@@ -151,7 +151,7 @@ def _on_device(x):
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                         delta_softplus=False):
-    """Selective scan with the CUDA kernels; same contract as ``selective_scan_numpy``.
+    """Selective scan with the CUDA kernels; same contract as ``reference.ssm.selective_scan``.
 
     Inputs are float32 NumPy or CUDA device arrays already validated by the dispatcher. Returns
     (y, last_state) as NumPy arrays, or as device arrays when u is a device array. The time

@@ -6,9 +6,9 @@ A DeviceTensor wraps a C-contiguous float32 numba.cuda device array and supports
 axes (``bias[:, None]``). A slice is copied into a new contiguous tensor, so every kernel sees
 contiguous data and every reshape is free. Arithmetic broadcasts like NumPy (ranks up to 4).
 
-The functions below mirror `layers` / `scans` / `ssm` with the same signatures (``(B, C, H, W)``
-activations, PyTorch parameter layouts); `eamamba_ref.runtime.ops` dispatches to them when its argument
-is a DeviceTensor, so the one forward pass in `model.py` runs on either device.
+The functions below mirror `reference.layers` / `scans` / `ssm` with the same signatures
+(``(B, C, H, W)`` activations, PyTorch parameter layouts); they are the 'cuda' backend's table
+(`runtime.backends.table`), so the one forward pass of `reference/model.py` runs on the GPU.
 """
 from __future__ import annotations
 
@@ -285,9 +285,11 @@ def restore(y, size, scan_type, scan_count, merge):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   backend=None):
-    """The CUDA selective scan (`ssm/gpu.py`) on device tensors; `backend` is ignored (on the GPU
-    there is one kernel)."""
+                   return_last_state=False):
+    """The CUDA selective scan (`kernels.cuda.scan`) on device tensors; y only (the model never
+    asks for the last state)."""
+    if return_last_state:
+        raise ValueError("the device-tensor selective scan returns y only")
     def raw(t):
         return None if t is None else t.data
     y, _ = selective_scan_cuda(u.data, delta.data, A.data, raw(B), raw(C), raw(D), raw(z),
