@@ -242,13 +242,12 @@ def umask_mode():
 
 
 def test_atomic_output_never_clobbers_and_leaves_nothing_on_failure(tmp_path):
-    from eamamba_ref.io.atomic import atomic_output
-    from eamamba_ref.apps.errors import CommandError
+    from eamamba_ref.io.atomic import OutputRefused, atomic_output
     path = tmp_path / "x.txt"
     with atomic_output(path) as tmp:
         open(tmp, "w").write("one")
     assert path.read_text() == "one" and (path.stat().st_mode & 0o777) == umask_mode()
-    with pytest.raises(CommandError, match="exists"):
+    with pytest.raises(OutputRefused, match="exists"):
         with atomic_output(path) as tmp:
             pass
     with pytest.raises(RuntimeError):
@@ -257,7 +256,7 @@ def test_atomic_output_never_clobbers_and_leaves_nothing_on_failure(tmp_path):
             raise RuntimeError("the writer failed")
     assert path.read_text() == "one" and files_in(tmp_path) == ["x.txt"]
     # the destination appears while writing: not replaced, the temp file is removed
-    with pytest.raises(CommandError, match="exists"):
+    with pytest.raises(OutputRefused, match="exists"):
         with atomic_output(tmp_path / "y.txt") as tmp:
             open(tmp, "w").write("mine")
             (tmp_path / "y.txt").write_text("theirs")
@@ -365,8 +364,7 @@ def test_atomic_output_holds_the_last_complete_permitted_write(steps):
     import os
     import tempfile
 
-    from eamamba_ref.io.atomic import atomic_output
-    from eamamba_ref.apps.errors import CommandError
+    from eamamba_ref.io.atomic import OutputRefused, atomic_output
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/out.bin"
         want = None
@@ -379,7 +377,7 @@ def test_atomic_output_holds_the_last_complete_permitted_write(steps):
                         if fail:
                             raise RuntimeError("writer failed midway")
                         f.write(data[len(data) // 2:])
-            except CommandError:
+            except OutputRefused:
                 assert not allowed
             except RuntimeError:
                 assert allowed and fail
