@@ -23,7 +23,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from eamamba_ref.apps import distributed as dist, restore  # noqa: E402
+from eamamba_ref.apps import cluster, distributed as dist, restore  # noqa: E402
 from eamamba_ref.io.checkpoint import save_converted  # noqa: E402
 from eamamba_ref.io.config import ModelConfig  # noqa: E402
 from eamamba_ref.io.images import read_image, write_image  # noqa: E402
@@ -75,9 +75,9 @@ def batch(tmp, weights, n_images, size, workers_list):
     print(f"  single process (restore command loop):  {single:6.3f} images/s")
 
     for n in workers_list:
-        with dist.connect("local", n) as client:
+        with cluster.connect("local", n) as client:
             warm = os.path.join(tmp, f"warm{n}")
-            client.run(lambda: dist.worker_models("denoise", weights, "numba").for_channels(3))  # loaded once per worker
+            client.run(lambda: cluster.worker_models("denoise", weights, "numba").for_channels(3))  # loaded once per worker
             dist.restore_batch(paths[:n], settings, client, warm, progress=False)   # kernels warm everywhere
             t = time.perf_counter()
             report = dist.restore_batch(paths, settings, client, os.path.join(tmp, f"out{n}"), progress=False)
@@ -89,8 +89,8 @@ def batch(tmp, weights, n_images, size, workers_list):
 def large(tmp, weights, sizes, chunk, tile, overlap, workers):
     import tifffile
     rng = np.random.default_rng(1)
-    with dist.connect("local", workers) as client:
-        client.run(lambda: dist.worker_models("denoise", weights, "numba").for_channels(3))
+    with cluster.connect("local", workers) as client:
+        client.run(lambda: cluster.worker_models("denoise", weights, "numba").for_channels(3))
         warm = os.path.join(tmp, "warm.tif")                 # compile the kernels on every worker first
         tifffile.imwrite(warm, rng.integers(0, 256, (2 * chunk, 2 * chunk, 3), dtype=np.uint8))
         dist.restore_large(warm, os.path.join(tmp, "warm_out.tif"), "denoise", weights, client=client,
