@@ -23,7 +23,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from eamamba_ref.apps import cluster, distributed as dist, restore  # noqa: E402
+from eamamba_ref.apps import cluster, distributed as dist, pipeline  # noqa: E402
+from eamamba_ref.apps.tasks import TASKS  # noqa: E402
 from eamamba_ref.io.checkpoint import save_converted  # noqa: E402
 from eamamba_ref.io.config import ModelConfig  # noqa: E402
 from eamamba_ref.io.images import read_image, write_image  # noqa: E402
@@ -65,12 +66,12 @@ def batch(tmp, weights, n_images, size, workers_list):
     settings = dist.Settings(weights=weights, backend="numba")
 
     # the single-process command's loop, for reference (same model, Numba on all cores)
-    model = restore.load_task_model(restore.TASKS["denoise"], weights, "numba")
-    x = restore.to_model_input([read_image(paths[0])], restore.TASKS["denoise"])
-    restore.restore_array(model, x)                              # compile / warm up
+    model = pipeline.load_task_model(TASKS["denoise"], weights, "numba")
+    x = pipeline.to_model_input([read_image(paths[0])], TASKS["denoise"])
+    pipeline.restore_array(model, x)                              # compile / warm up
     t = time.perf_counter()
     for p in paths:
-        restore.restore_array(model, restore.to_model_input([read_image(p)], restore.TASKS["denoise"]))
+        pipeline.restore_array(model, pipeline.to_model_input([read_image(p)], TASKS["denoise"]))
     single = n_images / (time.perf_counter() - t)
     print(f"  single process (restore command loop):  {single:6.3f} images/s")
 

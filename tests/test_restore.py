@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eamamba_ref.apps import inference, pipeline, restore
+from eamamba_ref.apps import demo, inference, pipeline, restore
 from eamamba_ref.io.checkpoint import save_converted
 from eamamba_ref.io.config import ModelConfig
 from eamamba_ref.io.images import ImageError, read_image, write_image
@@ -321,8 +321,8 @@ def test_several_inputs_with_one_output_are_refused_before_any_work(tmp_path, un
 def test_demo_writes_into_its_own_folder(tmp_path, unet, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert restore.main(["--weights", unet, "--tile", "64", "--tile-overlap", "8"]) == 0
-    assert files_in(tmp_path) == [f"{restore.DEMO_DIR}/eamamba_demo_denoise.png",
-                                  f"{restore.DEMO_DIR}/eamamba_demo_denoise_comparison.png"]
+    assert files_in(tmp_path) == [f"{demo.DEMO_DIR}/eamamba_demo_denoise.png",
+                                  f"{demo.DEMO_DIR}/eamamba_demo_denoise_comparison.png"]
     for name in files_in(tmp_path):
         assert ((tmp_path / name).stat().st_mode & 0o777) == umask_mode()
     assert restore.main(["--weights", unet]) == 2                     # a second demo does not replace it
