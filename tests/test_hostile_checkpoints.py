@@ -212,7 +212,7 @@ CASES = {
 # so forking is safe), address space limited, each entry point's rc and stderr written to a file.
 DRIVER = r"""
 import contextlib, io, json, os, resource, sys, time, traceback
-import eamamba_ref.io.loading, eamamba_ref.checkpoint, eamamba_ref.convert, eamamba_ref.restore
+import eamamba_ref.io.loading, eamamba_ref.io.checkpoint, eamamba_ref.apps.convert, eamamba_ref.apps.restore
 from eamamba_ref.io.checkpoint import CheckpointError
 eamamba_ref.apps.restore.default_backend()           # import what the backend probe imports, before forking
 cases, limit, timeout, out = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
