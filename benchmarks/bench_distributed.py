@@ -23,7 +23,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from eamamba_ref.apps import distributed as dist, restore  # noqa: E402
+from eamamba_ref.apps import cluster, distributed as dist, pipeline  # noqa: E402
+from eamamba_ref.apps.tasks import TASKS  # noqa: E402
 from eamamba_ref.io.checkpoint import save_converted  # noqa: E402
 from eamamba_ref.io.config import ModelConfig  # noqa: E402
 from eamamba_ref.io.images import read_image, write_image  # noqa: E402
@@ -65,19 +66,19 @@ def batch(tmp, weights, n_images, size, workers_list):
     settings = dist.Settings(weights=weights, backend="numba")
 
     # the single-process command's loop, for reference (same model, Numba on all cores)
-    model = restore.load_task_model(restore.TASKS["denoise"], weights, "numba")
-    x = restore.to_model_input([read_image(paths[0])], restore.TASKS["denoise"])
-    restore.restore_array(model, x)                              # compile / warm up
+    model = pipeline.load_task_model(TASKS["denoise"], weights, "numba")
+    x = pipeline.to_model_input([read_image(paths[0])], TASKS["denoise"])
+    pipeline.restore_array(model, x)                              # compile / warm up
     t = time.perf_counter()
     for p in paths:
-        restore.restore_array(model, restore.to_model_input([read_image(p)], restore.TASKS["denoise"]))
+        pipeline.restore_array(model, pipeline.to_model_input([read_image(p)], TASKS["denoise"]))
     single = n_images / (time.perf_counter() - t)
     print(f"  single process (restore command loop):  {single:6.3f} images/s")
 
     for n in workers_list:
-        with dist.connect("local", n) as client:
+        with cluster.connect("local", n) as client:
             warm = os.path.join(tmp, f"warm{n}")
-            client.run(lambda: dist.worker_models("denoise", weights, "numba").for_channels(3))  # loaded once per worker
+            client.run(lambda: cluster.worker_models("denoise", weights, "numba").for_channels(3))  # loaded once per worker
             dist.restore_batch(paths[:n], settings, client, warm, progress=False)   # kernels warm everywhere
             t = time.perf_counter()
             report = dist.restore_batch(paths, settings, client, os.path.join(tmp, f"out{n}"), progress=False)
@@ -89,8 +90,8 @@ def batch(tmp, weights, n_images, size, workers_list):
 def large(tmp, weights, sizes, chunk, tile, overlap, workers):
     import tifffile
     rng = np.random.default_rng(1)
-    with dist.connect("local", workers) as client:
-        client.run(lambda: dist.worker_models("denoise", weights, "numba").for_channels(3))
+    with cluster.connect("local", workers) as client:
+        client.run(lambda: cluster.worker_models("denoise", weights, "numba").for_channels(3))
         warm = os.path.join(tmp, "warm.tif")                 # compile the kernels on every worker first
         tifffile.imwrite(warm, rng.integers(0, 256, (2 * chunk, 2 * chunk, 3), dtype=np.uint8))
         dist.restore_large(warm, os.path.join(tmp, "warm_out.tif"), "denoise", weights, client=client,

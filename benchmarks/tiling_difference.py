@@ -15,7 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eamamba_ref  # noqa: E402  (before NumPy: OpenBLAS's idle threads sleep)
 import numpy as np  # noqa: E402
 
-from eamamba_ref.apps import inference, restore  # noqa: E402
+from eamamba_ref.apps import inference, pipeline  # noqa: E402
+from eamamba_ref.apps.demo import SAMPLE  # noqa: E402
+from eamamba_ref.apps.tasks import TASKS  # noqa: E402
 from eamamba_ref.io.images import read_image  # noqa: E402
 
 WEIGHTS = os.path.join(os.path.dirname(eamamba_ref.__file__), "weights", "denoise_demo.npz")
@@ -24,15 +26,15 @@ WEIGHTS = os.path.join(os.path.dirname(eamamba_ref.__file__), "weights", "denois
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=WEIGHTS)
-    ap.add_argument("--image", default=restore.SAMPLE)
+    ap.add_argument("--image", default=SAMPLE)
     ap.add_argument("--tiles", nargs="+", default=["128/32", "64/16"], help="TILE/OVERLAP pairs")
     args = ap.parse_args()
     model = eamamba_ref.load(args.weights)
     clean = read_image(args.image)
     levels = lambda a: np.round(np.clip(a, 0, 1) * 255)      # noqa: E731  (the 8-bit output)
     print("| input | --tile / --tile-overlap | max | mean | 8-bit output values that differ |")
-    for label, image in [("clean", clean), ("noisy, sigma 25", restore.add_noise(clean, 25, 0))]:
-        x = restore.to_model_input([image], restore.TASKS["denoise"])
+    for label, image in [("clean", clean), ("noisy, sigma 25", pipeline.add_noise(clean, 25, 0))]:
+        x = pipeline.to_model_input([image], TASKS["denoise"])
         untiled = inference.padded(model, x)
         for spec in args.tiles:
             tile, overlap = map(int, spec.split("/"))

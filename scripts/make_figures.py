@@ -161,7 +161,7 @@ def demo_model(weights):
 
 def sample_image():
     from eamamba_ref.io.images import read_image
-    from eamamba_ref.apps.restore import SAMPLE
+    from eamamba_ref.apps.demo import SAMPLE
     return read_image(SAMPLE).pixels                       # (256, 256, 3) float32 in [0, 1]
 
 

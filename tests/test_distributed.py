@@ -13,8 +13,9 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("distributed")
 tifffile = pytest.importorskip("tifffile")
 
-from eamamba_ref.apps import distributed as dist, inference, pipeline, restore  # noqa: E402
+from eamamba_ref.apps import cluster, distributed as dist, inference, pipeline, restore  # noqa: E402
 from eamamba_ref.io.images import ImageError, read_image, write_image  # noqa: E402
+from eamamba_ref.io.tiff import TiffRegions  # noqa: E402
 
 from test_restore import files_in, image, umask_mode, write_model  # noqa: E402
 
@@ -212,7 +213,7 @@ def test_an_unreachable_scheduler_fails_fast(tmp_path, unet, capsys):
     folder = make_folder(tmp_path / "in", corrupt=False)
     start = time.monotonic()
     assert restore.main([str(folder), "--weights", unet, "--scheduler", "tcp://127.0.0.1:1"]) == 2
-    assert time.monotonic() - start < dist.CONNECT_TIMEOUT + 10          # not distributed's 30 s
+    assert time.monotonic() - start < cluster.CONNECT_TIMEOUT + 10          # not distributed's 30 s
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot connect to the Dask scheduler at tcp://127.0.0.1:1") and "\n" not in err
 
@@ -239,7 +240,7 @@ def test_weights_are_loaded_once_per_worker_process(tmp_path, unet, client, monk
     loads = []
     real = pipeline.load_task_model
     monkeypatch.setattr(pipeline, "load_task_model", lambda *a, **k: loads.append(a) or real(*a, **k))
-    monkeypatch.setattr(dist, "_MODELS", {})              # both in-process workers share this process
+    monkeypatch.setattr(cluster, "_MODELS", {})              # both in-process workers share this process
     folder = make_folder(tmp_path / "in", corrupt=False)
     report = dist.restore_batch(dist.find_images([str(folder)]), dist.Settings(weights=unet), client,
                                 str(tmp_path / "out"), progress=False)
@@ -296,7 +297,7 @@ def test_tiff_regions_read_exactly_the_region(tmp_path, kind):
           "separate-planes": dict(planarconfig="separate")}[kind]
     tifffile.imwrite(path, data if kind != "separate-planes" else np.moveaxis(data, -1, 0),
                      photometric="rgb", **kw)
-    src = dist.TiffRegions(path)
+    src = TiffRegions(path)
     assert src.shape == data.shape and src.dtype == np.uint16
     for ys, xs in [(slice(0, 37), slice(0, 29)), (slice(3, 20), slice(15, 29)), (slice(33, 37), slice(0, 1))]:
         assert np.array_equal(src[ys, xs], data[ys, xs])

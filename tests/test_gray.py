@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from eamamba_ref.apps import restore, tasks
+from eamamba_ref.apps import pipeline, restore, tasks
 from eamamba_ref.io.checkpoint import save_converted
 from eamamba_ref.io.config import ModelConfig
-from eamamba_ref.io.images import read_image, write_image
+from eamamba_ref.io.images import Image, read_image, write_image
 from eamamba_ref.runtime.model import EAMamba
 from eamamba_ref.reference.parameters import init_params
 
@@ -116,10 +116,10 @@ def test_sigma_noise_on_a_gray_image_is_one_channel_of_noise(tmp_path, bundled):
     """--sigma adds noise to what the gray model reads: the image treated as gray first."""
     _, gray = bundled
     g = _gray_image(np.random.default_rng(4))
-    image = restore.Image(np.repeat(g, 3, axis=2), None, 8, "x.png")
-    models = restore.TaskModels(restore.TASKS["denoise"])
-    out, _ = restore.restore_images(restore.TASKS["denoise"], models, [image], sigma=25, seed=7)
-    noisy = restore.add_noise(restore.Image(g, None, 8), 25, 7).pixels
+    image = Image(np.repeat(g, 3, axis=2), None, 8, "x.png")
+    models = pipeline.TaskModels(tasks.TASKS["denoise"])
+    out, _ = pipeline.restore_images(tasks.TASKS["denoise"], models, [image], sigma=25, seed=7)
+    noisy = pipeline.add_noise(Image(g, None, 8), 25, 7).pixels
     ref = gray(noisy.transpose(2, 0, 1)[None])[0, 0]
     np.testing.assert_array_equal(out[..., 0], ref)
     np.testing.assert_array_equal(out[..., 0], out[..., 2])

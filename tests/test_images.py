@@ -330,7 +330,7 @@ def test_the_command_refuses_a_bad_output_before_computing(tmp_path, capsys, mon
 
 # ------------------------------------------------ the chunked reader (images larger than memory)
 def test_chunked_tiff_reader_follows_the_same_page_rule_and_refuses_what_it_cannot_restore(tmp_path):
-    from eamamba_ref.apps.distributed import TiffRegions
+    from eamamba_ref.io.tiff import TiffRegions
     rgb = rgb_pattern(8, 8)
     with tifffile.TiffWriter(tmp_path / "thumb_first.tif") as w:      # a thumbnail page, then the image
         w.write(rgb[::4, ::4], photometric="rgb", subfiletype=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from eamamba_ref.apps import inference, pipeline, restore
+from eamamba_ref.apps import demo, inference, pipeline, restore
 from eamamba_ref.io.checkpoint import save_converted
 from eamamba_ref.io.config import ModelConfig
 from eamamba_ref.io.images import ImageError, read_image, write_image
@@ -243,13 +243,12 @@ def umask_mode():
 
 
 def test_atomic_output_never_clobbers_and_leaves_nothing_on_failure(tmp_path):
-    from eamamba_ref.io.atomic import atomic_output
-    from eamamba_ref.apps.errors import CommandError
+    from eamamba_ref.io.atomic import OutputRefused, atomic_output
     path = tmp_path / "x.txt"
     with atomic_output(path) as tmp:
         open(tmp, "w").write("one")
     assert path.read_text() == "one" and (path.stat().st_mode & 0o777) == umask_mode()
-    with pytest.raises(CommandError, match="exists"):
+    with pytest.raises(OutputRefused, match="exists"):
         with atomic_output(path) as tmp:
             pass
     with pytest.raises(RuntimeError):
@@ -258,7 +257,7 @@ def test_atomic_output_never_clobbers_and_leaves_nothing_on_failure(tmp_path):
             raise RuntimeError("the writer failed")
     assert path.read_text() == "one" and files_in(tmp_path) == ["x.txt"]
     # the destination appears while writing: not replaced, the temp file is removed
-    with pytest.raises(CommandError, match="exists"):
+    with pytest.raises(OutputRefused, match="exists"):
         with atomic_output(tmp_path / "y.txt") as tmp:
             open(tmp, "w").write("mine")
             (tmp_path / "y.txt").write_text("theirs")
@@ -323,8 +322,8 @@ def test_several_inputs_with_one_output_are_refused_before_any_work(tmp_path, un
 def test_demo_writes_into_its_own_folder(tmp_path, unet, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert restore.main(["--weights", unet, "--tile", "64", "--tile-overlap", "8"]) == 0
-    assert files_in(tmp_path) == [f"{restore.DEMO_DIR}/eamamba_demo_denoise.png",
-                                  f"{restore.DEMO_DIR}/eamamba_demo_denoise_comparison.png"]
+    assert files_in(tmp_path) == [f"{demo.DEMO_DIR}/eamamba_demo_denoise.png",
+                                  f"{demo.DEMO_DIR}/eamamba_demo_denoise_comparison.png"]
     for name in files_in(tmp_path):
         assert ((tmp_path / name).stat().st_mode & 0o777) == umask_mode()
     assert restore.main(["--weights", unet]) == 2                     # a second demo does not replace it
@@ -366,8 +365,7 @@ def test_atomic_output_holds_the_last_complete_permitted_write(steps):
     import os
     import tempfile
 
-    from eamamba_ref.io.atomic import atomic_output
-    from eamamba_ref.apps.errors import CommandError
+    from eamamba_ref.io.atomic import OutputRefused, atomic_output
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/out.bin"
         want = None
@@ -380,7 +378,7 @@ def test_atomic_output_holds_the_last_complete_permitted_write(steps):
                         if fail:
                             raise RuntimeError("writer failed midway")
                         f.write(data[len(data) // 2:])
-            except CommandError:
+            except OutputRefused:
                 assert not allowed
             except RuntimeError:
                 assert allowed and fail

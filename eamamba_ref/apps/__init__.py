@@ -1,2 +1,2 @@
-"""The commands and the pipeline they share: restore, evaluate, distributed, oracle, profile, draw,
-convert."""
+"""The commands and the pipeline they share: restore (its demo, its Dask cluster mode: demo,
+distributed, cluster), evaluate, oracle, profile, draw, convert."""

@@ -14,20 +14,17 @@ any running scheduler by address):
   order, so the result is bit-for-bit the single-process `inference.tiled(model, x, tile, overlap)`
   (see `tiled_region`). Per-worker memory follows the chunk and tile size, not the image size.
 
-Paths (inputs, outputs, weights) must be visible to the workers under the same names: on one
-machine that is automatic; on a multi-machine cluster use a shared filesystem.
+The cluster itself (start, connect, close, the per-worker weights cache) is `cluster.py`; the
+TIFF regions read and written are `io/tiff.py`. Paths (inputs, outputs, weights) must be visible
+to the workers under the same names: on one machine that is automatic; on a multi-machine cluster
+use a shared filesystem.
 """
 from __future__ import annotations
 
 import glob
-import logging
-import math
 import os
 import secrets
-import signal
 import sys
-import threading
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -36,125 +33,15 @@ import numpy as np
 from eamamba_ref.apps import inference
 from eamamba_ref.io.atomic import atomic_output, check_writable, remove_temporaries, tagged
 from eamamba_ref.apps.errors import Interrupted, RestoreError, one_line
-from eamamba_ref.io.images import (MAX_PIXELS, Image, ImageError, read_image, tiff_page,
-                                   to_integer, write_image)
+from eamamba_ref.io.images import MAX_PIXELS, Image, ImageError, read_image, to_integer, write_image
+from eamamba_ref.io.tiff import TiffRegionWriter, TiffRegions
 from eamamba_ref.apps import pipeline
-from eamamba_ref.apps.pipeline import (TaskModels, default_output, from_model_output, names_a_file,
+from eamamba_ref.apps.cluster import connect, require_dask, worker_models
+from eamamba_ref.apps.pipeline import (default_output, from_model_output, names_a_file,
                                        output_folder, restore_images, to_model_input)
 from eamamba_ref.apps.tasks import TASKS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-DASK_EXTRA = 'pip install "eamamba_ref[dask]"'
-CONNECT_TIMEOUT = 5         # seconds to reach a running scheduler (distributed's default, 30 s, is long for a typo)
-
-
-# --------------------------------------------------------------------------- the cluster
-def require_dask():
-    """The `distributed` package, or a one-line `RestoreError` naming the extra that installs it."""
-    try:
-        import dask  # noqa: F401
-        import distributed
-    except ImportError as err:
-        raise RestoreError(f"folders, globs, --scheduler, --workers and --chunk run on Dask, which is not "
-                           f"installed (no module {err.name or 'distributed'!r}): {DASK_EXTRA}") from None
-    return distributed
-
-
-@contextmanager
-def connect(scheduler=None, workers=None):
-    """A `distributed.Client`, closed (with its cluster) on exit.
-
-    scheduler: None or 'local' starts a LocalCluster of `workers` processes (default: one per CPU
-    core), one thread each, with the Numba threads split between them so that the workers do not
-    oversubscribe the cores; anything else is the address of a running scheduler
-    ('tcp://host:8786'), whose workers are used as they are; one that cannot be reached within
-    `CONNECT_TIMEOUT` seconds is a `RestoreError`.
-    """
-    dd = require_dask()
-    if scheduler in (None, "local"):
-        cores = os.cpu_count() or 1
-        n = cores if workers is None else workers
-        if n < 1:
-            raise RestoreError(f"--workers must be >= 1, got {n}")
-        env = {"NUMBA_NUM_THREADS": str(max(1, cores // n))}
-        cluster = client = None
-        try:
-            with warnings.catch_warnings(), _ctrl_c_for_this_process_only():
-                # another cluster holds the default HTTP port: any port will do
-                warnings.filterwarnings("ignore", message="Port .* is already in use")
-                # silence_logs: the workers' and nannies' WARNINGs are shutdown noise here (a task
-                # cancelled by Ctrl-C, a slow worker killed at the end); errors are still shown
-                cluster = dd.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                          dashboard_address=None, env=env, silence_logs=logging.ERROR)
-            client = dd.Client(cluster)
-            yield client
-        finally:
-            _close(client, cluster)
-    else:
-        if workers is not None:
-            raise RestoreError("--workers sizes a local cluster; a running scheduler brings its own workers")
-        try:
-            client = dd.Client(scheduler, timeout=CONNECT_TIMEOUT)
-        except (OSError, ValueError, TypeError) as err:      # refused, timed out, not an address
-            raise RestoreError(f"cannot connect to the Dask scheduler at {scheduler} ({one_line(err)}); is "
-                               f"`dask scheduler` running there? (--scheduler local starts a local cluster)") from None
-        try:
-            yield client
-        finally:
-            client.close()
-
-
-@contextmanager
-def _ctrl_c_for_this_process_only():
-    """Start worker processes that ignore Ctrl-C (SIGINT); this process keeps it.
-
-    The terminal sends Ctrl-C to the whole process group, workers included; a worker interrupted
-    while it imports or runs prints its own traceback and leaves the cluster half-dead. An ignored
-    signal stays ignored across exec (and Python then installs no KeyboardInterrupt handler), so
-    SIGINT is ignored while the workers are spawned, then this process's handler is put back: it
-    alone turns Ctrl-C into KeyboardInterrupt and closes the cluster, whose nannies end the workers.
-    The price: a Ctrl-C during the cluster's start-up (seconds) is not seen; press it again.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield                               # signal handlers can only be changed from the main thread
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if old is None else old)
-
-
-def _close(client, cluster):
-    """Close the client, then the cluster and its workers (either may be None: start-up failed).
-
-    A worker that is slow to exit (a busy machine) is killed by its nanny, which distributed logs
-    as a WARNING although every result is already written: `silence_logs=logging.ERROR` above
-    keeps that quiet until the cluster is closed."""
-    if client is not None:
-        client.close()
-    if cluster is not None:
-        cluster.close()
-
-
-_MODELS = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def worker_models(task_name, weights, backend):
-    """The task's models (`pipeline.TaskModels`), each loaded at most once per worker process
-    (threads share them).
-
-    Keyed by the weights file's path, size and modification time, so a replaced file is reloaded.
-    """
-    task = TASKS[task_name]
-    path = os.path.abspath(weights) if weights else task.bundled_path()
-    stat = os.stat(path) if path and os.path.exists(path) else None
-    key = (task_name, path, stat and (stat.st_size, stat.st_mtime_ns), backend)
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = TaskModels(task, weights, backend)
-        return _MODELS[key]
 
 
 # ------------------------------------------------------------------------ many images
@@ -385,104 +272,6 @@ def halo(size, chunks, tile, overlap):
     return need
 
 
-class TiffRegions:
-    """Read rectangular regions `(h, w, C)` of a TIFF's image, without reading the rest.
-
-    Uncompressed contiguous files are memory-mapped; tiled or striped (and compressed) files decode
-    only the tiles/strips that touch the region. Picklable (it holds the path only), so Dask
-    workers open the file themselves. Supports 8/16-bit grayscale, gray+alpha, RGB, RGBA.
-    """
-
-    def __init__(self, path):
-        import tifffile
-        self.path = os.fspath(path)
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                page = tiff_page(tif, self.path)        # one image; thumbnails are skipped
-                shape, dtype = page.shape, page.dtype
-                self.index = page.index
-                self.contiguous = page.is_contiguous and not page.is_tiled
-                self.separate = page.planarconfig == 2
-                photometric = int(page.photometric)
-                orientation = int(page.tags.valueof(274, default=1) or 1)
-        except ImageError:
-            raise
-        except Exception as err:
-            raise ImageError(f"{self.path}: cannot read TIFF ({type(err).__name__}: {err})") from None
-        if photometric not in (1, 2):                # chunks are restored as stored: gray or RGB only
-            kind = {0: "min-is-white", 3: "palette", 5: "CMYK"}.get(photometric, f"photometric {photometric}")
-            raise ImageError(f"{self.path}: chunked restore reads gray or RGB TIFFs, this one is {kind}: "
-                             f"save it as RGB (or restore it without --chunk)")
-        if orientation != 1:                         # read_image turns it upright; chunks cannot
-            raise ImageError(f"{self.path}: chunked restore reads upright TIFFs, this one has orientation "
-                             f"{orientation}: rotate it first (or restore it without --chunk)")
-        if page.is_tiled and getattr(page, "tiledepth", 1) > 1 or len(shape) not in (2, 3):
-            raise ImageError(f"{self.path}: unsupported TIFF layout {shape} (2-D images only)")
-        if len(shape) == 3 and self.separate:                # (C, H, W) planes
-            shape = (shape[1], shape[2], shape[0])
-        self.shape = (shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
-        self.dtype = np.dtype(dtype)
-        self.ndim = 3
-        if self.dtype not in (np.uint8, np.uint16) or self.shape[2] not in (1, 2, 3, 4):
-            raise ImageError(f"{self.path}: unsupported TIFF {dtype} {shape} (8/16-bit gray, RGB or RGBA only)")
-
-    def __getitem__(self, key):
-        ys, xs = key[0], key[1]
-        y0, y1, _ = ys.indices(self.shape[0])
-        x0, x1, _ = xs.indices(self.shape[1])
-        if self.contiguous:
-            import tifffile
-            mm = tifffile.memmap(self.path, page=self.index, mode="r")
-            region = np.array(mm[y0:y1, x0:x1] if not self.separate else np.moveaxis(mm[:, y0:y1, x0:x1], 0, -1))
-            del mm
-        else:
-            region = self._decode(y0, y1, x0, x1)
-        region = region.reshape(y1 - y0, x1 - x0, self.shape[2])
-        return region[(slice(None), slice(None)) + tuple(key[2:])]
-
-    def _decode(self, y0, y1, x0, x1):
-        import tifffile
-        out = np.zeros((y1 - y0, x1 - x0, self.shape[2]), self.dtype)
-        with tifffile.TiffFile(self.path) as tif:
-            page = tif.pages[self.index]
-            H, W, C = self.shape
-            if page.is_tiled:
-                sh, sw = page.tilelength, page.tilewidth
-            else:
-                sh, sw = page.rowsperstrip or H, W
-            ny, nx = math.ceil(H / sh), math.ceil(W / sw)
-            planes = range(C) if self.separate else [0]
-            fh = tif.filehandle
-            for p in planes:
-                for ty in range(y0 // sh, math.ceil(y1 / sh)):
-                    for tx in range(x0 // sw, math.ceil(x1 / sw)):
-                        index = (p * ny + ty) * nx + tx
-                        fh.seek(page.dataoffsets[index])
-                        data = fh.read(page.databytecounts[index])
-                        seg, idx, _ = page.decode(data, index, jpegtables=page.jpegtables)
-                        seg = seg.reshape(seg.shape[-3:])          # (rows, cols, samples)
-                        sy, sx = idx[-3], idx[-2]                  # where the decoder says it goes
-                        a0, a1 = max(sy, y0), min(sy + seg.shape[0], y1, H)
-                        b0, b1 = max(sx, x0), min(sx + seg.shape[1], x1, W)
-                        c = slice(p, p + 1) if self.separate else slice(None)
-                        out[a0 - y0:a1 - y0, b0 - x0:b1 - x0, c] = seg[a0 - sy:a1 - sy, b0 - sx:b1 - sx]
-        return out
-
-
-class _TiffWriter:
-    """`target[region] = block` into an uncompressed TIFF made by `tifffile.memmap` (picklable)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __setitem__(self, key, value):
-        import tifffile
-        mm = tifffile.memmap(self.path, mode="r+")
-        mm[key[: mm.ndim]] = value.reshape(mm[key[: mm.ndim]].shape)
-        mm.flush()
-        del mm
-
-
 def _restore_chunk(block, block_id=None, *, spec):
     """map_overlap's function: integer pixels of one chunk + its halo -> the chunk's output pixels."""
     (ychunks, xchunks), (dy, dx), (H, W) = spec["chunks"], spec["depth"], spec["shape"]
@@ -555,7 +344,6 @@ def restore_large(in_path, out_path, task_name="denoise", weights=None, *, clien
     client, Dask's local threads run it. Returns `out_path`.
     """
     import dask
-    import tifffile
 
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     for p, what in [(in_path, "input"), (out_path, "output")]:
@@ -569,8 +357,7 @@ def restore_large(in_path, out_path, task_name="denoise", weights=None, *, clien
     y = large_array(source, task_name, weights, backend, chunk, tile, overlap)
     shape = y.shape if source.shape[2] > 1 else y.shape[:2]
     with atomic_output(out_path, overwrite, suffix=".tif", error=ImageError) as tmp:
-        tifffile.memmap(tmp, shape=shape, dtype=y.dtype).flush()   # header + zero pixels on disk
-        stored = y.store(_TiffWriter(tmp), lock=False, compute=False)
+        stored = y.store(TiffRegionWriter.create(tmp, shape, y.dtype), lock=False, compute=False)
         if client is not None:
             future = client.compute(stored)
             if progress:

@@ -1,8 +1,9 @@
 """The commands' user errors, and the one place that turns them into a line and an exit status.
 
-`RestoreError` lives here, not in `restore.py`: under `python -m eamamba_ref.restore` that file runs
-as `__main__`, and a class defined there would be a different class from the one the other modules
-raise, so `except RestoreError` would miss their errors.
+`RestoreError` lives here, not in `restore.py`, because the restore command's steps raise it from
+several modules (`pipeline`, `distributed`, `evaluate`); defined in `restore.py` it would make them
+import the command they serve. Errors of the lower layers (`io.atomic.OutputRefused`, `ImageError`,
+`CheckpointError`, `ConfigError`) are defined there and only listed here, in `user_errors`.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ class Interrupted(KeyboardInterrupt):
 
 def user_errors():
     """The project's error classes whose message is meant for the user as it is."""
+    from eamamba_ref.io.atomic import OutputRefused
     from eamamba_ref.io.config import ConfigError
     from eamamba_ref.io.images import ImageError
     from eamamba_ref.io.pth_reader import CheckpointError
-    return (CommandError, ImageError, CheckpointError, ConfigError)
+    return (CommandError, OutputRefused, ImageError, CheckpointError, ConfigError)
 
 
 def one_line(err):

@@ -17,7 +17,6 @@ import argparse
 import csv
 import glob
 import os
-import sys
 import time
 
 import numpy as np

@@ -83,7 +83,7 @@ def trace_torch(module, x):
 def save_trace(path, values, meta=None, overwrite=False):
     """Write a trace atomically: one array per name (forward order kept in the metadata).
 
-    An existing `path` is refused (`CommandError`) unless `overwrite`; the name is used as given."""
+    An existing `path` is refused (`atomic.OutputRefused`) unless `overwrite`; the name is used as given."""
     meta = dict(meta or {}, order=list(values))
     with atomic_output(path, overwrite) as tmp, open(tmp, "wb") as f:    # a file object: no '.npz' appended
         np.savez(f, **{META: np.array(json.dumps(meta))}, **values)

@@ -1,1 +1,1 @@
-"""Files in and out: checkpoints (read without executing code), configs, images."""
+"""Files in and out: checkpoints (read without executing code), configs, images, chunked TIFF."""

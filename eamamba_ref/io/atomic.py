@@ -16,7 +16,11 @@ import os
 import tempfile
 from contextlib import contextmanager
 
-from eamamba_ref.apps.errors import CommandError
+
+class OutputRefused(ValueError):
+    """An output that must not be written (one line for the user): it is an input file, or it
+    exists and overwriting was not asked for. Writers with their own error class pass `error=`."""
+
 
 TEMP_PREFIX = ".eamamba-"
 # A batch run tags its temporary files, so that after an interruption (a worker process killed
@@ -64,7 +68,7 @@ def _umask_permissions(path):
     os.chmod(path, 0o666 & ~_umask())
 
 
-def check_destination(path, overwrite=False, inputs=(), error=CommandError):
+def check_destination(path, overwrite=False, inputs=(), error=OutputRefused):
     """Raise if `path` cannot be (or must not be) written; call it before long work.
 
     `error` (a one-line message) for one of `inputs` (never overwritten, even with `overwrite`) and
@@ -113,7 +117,7 @@ def _named(err, path):
 
 
 @contextmanager
-def atomic_output(path, overwrite=False, suffix=None, error=CommandError):
+def atomic_output(path, overwrite=False, suffix=None, error=OutputRefused):
     """Yield a temporary path to write `path`'s content to; publish it when the block succeeds.
 
     `suffix` (default: `path`'s extension) is the temp file's, for writers that pick the format
