@@ -154,3 +154,21 @@ def test_importing_the_package_changes_nothing_in_the_process():
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_pytorch_room_loads_none_of_the_numpy_model():
+    """`import eamamba_ref.pytorch` (the oracle side, next to torch) loads only that room: the
+    package's names are resolved on first use."""
+    script = (
+        "import sys\n"
+        "import eamamba_ref.pytorch\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('eamamba_ref'))\n"
+        "assert all(m == 'eamamba_ref' or m.startswith('eamamba_ref.pytorch') for m in loaded), loaded\n"
+        "assert 'numba' not in sys.modules\n"
+        "import eamamba_ref\n"
+        "assert eamamba_ref.EAMamba.__module__ == 'eamamba_ref.runtime.model'\n"
+        "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
