@@ -40,12 +40,14 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# The eamamba_ref a child times: this checkout, or another one (--baseline) for a before/after row.
+TREE = os.environ.get("BENCH_TREE") or ROOT
+if TREE not in sys.path:
+    sys.path.insert(0, TREE)
 
 # The child's host setting comes first, before this file imports NumPy (see the docstring).
 _CHILD = sys.argv[sys.argv.index("--child") + 1] if "--child" in sys.argv[:-1] else None
-if _CHILD == "eamamba_ref":
+if _CHILD in ("eamamba_ref", "baseline"):
     import eamamba_ref  # noqa: F401
 elif _CHILD in ("eamamba_ref_torch_first", "torch", "torch_numba", "torch_scan_select"):
     import torch
@@ -69,6 +71,7 @@ IMPLS = {   # child name -> row label
     "torch": "torch",
     "torch_numba": "torch + Numba scan",
     "unfused": "eamamba_ref unfused",
+    "baseline": "eamamba_ref, --baseline",
 }
 def load_average():
     try:
@@ -89,12 +92,25 @@ def rss_mib():
 # ------------------------------------------------------------------------------------------------
 # The model and its weights (the same in every child)
 
+def api():
+    """(denoise_config, init_params, EAMamba, load) of the eamamba_ref imported, in this layout or
+    in the flat one of earlier versions (a --baseline checkout)."""
+    try:
+        from eamamba_ref.io.config import denoise_config
+        from eamamba_ref.io.loading import load
+        from eamamba_ref.reference.parameters import init_params
+        from eamamba_ref.runtime.model import EAMamba
+    except ImportError:
+        from eamamba_ref.config import denoise_config
+        from eamamba_ref.loading import load
+        from eamamba_ref.model import EAMamba, init_params
+    return denoise_config, init_params, EAMamba, load
+
+
 def build(checkpoint, seed):
     """(config, params) of the official denoising model, or of a checkpoint."""
-    from eamamba_ref.io.config import denoise_config
-    from eamamba_ref.reference.parameters import init_params
+    denoise_config, init_params, _, load = api()
     if checkpoint:
-        from eamamba_ref.io.loading import load
         model = load(checkpoint)
         return model.config, model.params
     cfg = denoise_config()
@@ -275,17 +291,17 @@ def child(impl, size, repeats, threads, checkpoint, seed, torch_scan=None):
             with torch.no_grad():
                 return model(xt).numpy()
     else:
-        from eamamba_ref.runtime.model import EAMamba
-        if impl == "unfused":           # the plain composition with the numba scan (before fusion)
-            from eamamba_ref.reference import mhssm
-            mhssm._fused = lambda *args: False
+        EAMamba = api()[2]
         model = EAMamba(cfg, params)
+        if impl == "unfused":           # the plain composition with the numba scan (before fusion)
+            from eamamba_ref.reference.ops import NUMPY
+            model.ops = model.ops._replace(mhssm=NUMPY.mhssm)
 
         def forward():
             return model(x)
     out = forward()                                     # warm-up (and numba compilation)
     del out
-    if impl.startswith("eamamba_ref"):
+    if impl.startswith("eamamba_ref") or impl == "baseline":
         import numba
         info["numba_layer"] = numba.threading_layer()
     base = rss_mib()
@@ -333,12 +349,14 @@ class RssSampler:
         self.peak = max(self.peak, rss_mib())
 
 
-def child_env(args, out_path):
-    """The children's environment: one thread count for every library, nothing else changed."""
+def child_env(args, out_path, impl=None):
+    """The children's environment: one thread count for every library, nothing else changed (the
+    --baseline row imports eamamba_ref from the other checkout)."""
     n = str(args.threads)
+    tree = os.path.abspath(args.baseline) if impl == "baseline" else ROOT
     env = dict(os.environ, NUMBA_NUM_THREADS=n, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
-               MKL_NUM_THREADS=n, BENCH_OUT=out_path,
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               MKL_NUM_THREADS=n, BENCH_OUT=out_path, BENCH_TREE=tree,
+               PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return env
 
 
@@ -370,7 +388,7 @@ def run_interleaved(impls, size, args, tmp):
     workers = {}
     for impl in impls:
         err = open(os.path.join(tmp, f"{impl}{size}.err"), "w+")
-        proc = subprocess.Popen(child_cmd(impl, size, args), env=child_env(args, os.path.join(tmp, f"{impl}{size}.npy")),
+        proc = subprocess.Popen(child_cmd(impl, size, args), env=child_env(args, os.path.join(tmp, f"{impl}{size}.npy"), impl),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
         workers[impl] = (proc, err)
     watchdog = threading.Timer(args.timeout, lambda: [p.kill() for p, _ in workers.values()])
@@ -539,6 +557,9 @@ def main(argv=None):
     parser.add_argument("--unfused", action="store_true",
                         help="also time eamamba_ref without the fused MHSSM kernels (plain composition "
                              "+ numba scan), to show what the fusion gains")
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="also time the eamamba_ref of another checkout (e.g. a git worktree of an "
+                             "earlier commit), imported first, beside this one: a before/after row")
     parser.add_argument("--torch-scan", default=None,
                         help="run the PyTorch reference with this scan instead of timing the candidates "
                              "(e.g. 'in-place chunked T=64', 'chunked T=64')")
@@ -585,6 +606,7 @@ def main(argv=None):
             impls += ["eamamba_ref_torch_first"] if torch_installed else []
             impls += ["torch", "torch_numba"] if have_torch and size <= args.torch_max_size else []
             impls += ["unfused"] if args.unfused else []
+            impls += ["baseline"] if args.baseline else []
             res = run_interleaved(impls, size, args, tmp)
             ours = res["eamamba_ref"]
             reference = None if "error" in ours else np.load(os.path.join(tmp, f"eamamba_ref{size}.npy"))

@@ -111,6 +111,7 @@ def test_conv2d_blocked_paths_match_torch(monkeypatch, c_in, c_out, k, groups):
     from eamamba_ref.kernels.cpu import gemm
     from eamamba_ref.runtime.backends import table
     monkeypatch.setattr(gemm, "GEMM_BLOCK_PIXELS", 30)  # 3 rows of W=10 per block -> 4 blocks for 11 rows
+    monkeypatch.setattr(gemm, "MIN_BLOCK_PIXELS", 1)
     monkeypatch.setattr(gemm, "DEPTHWISE_BLOCK", 2 * 2 * 11 * 10)  # 2 channels per block at B=2
     x, w, b = randn(0, 2, c_in, 11, 10), randn(1, c_out, c_in // groups, k, k), randn(2, c_out)
     out = table("numba").conv2d(x, w, b, padding=k // 2, groups=groups)

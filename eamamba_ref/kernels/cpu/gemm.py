@@ -3,11 +3,13 @@
 
 One giant GEMM over all pixels, or one ufunc pass over the whole feature map, streams everything
 through main memory once per kernel tap; blocks that fit in L2 keep the data hot. Every product is
-cut into blocks of GEMM_BLOCK_PIXELS output pixels, which `parallel_for(fn, n_tasks)` (the
+cut into blocks of output pixels (`block_pixels`), which `parallel_for(fn, n_tasks)` (the
 runtime's pool, bound to these functions by `runtime.backends`) runs, each block a one-thread
 BLAS call. The cut depends on the shapes only, never on the thread count, so the result is the
-same bits for any number of threads. Block sizes were tuned on a 2-core machine; the optima are
-broad, so round numbers.
+same bits for any number of threads. Small maps are cut finer, so that the low-resolution levels
+of the U-Net (as many GEMM FLOPs as the full-resolution one, on 1/16 or 1/64 of its pixels) still
+give every thread work. Block sizes were tuned on a 2-core machine; the optima are broad, so
+round numbers.
 """
 from __future__ import annotations
 
@@ -15,12 +17,19 @@ import numpy as np
 
 from eamamba_ref.reference.layers import conv_arguments, im2col_patches, matmul as reference_matmul
 
-GEMM_BLOCK_PIXELS = 1024      # output pixels per GEMM block (and per im2col block)
+GEMM_BLOCK_PIXELS = 1024      # output pixels per GEMM block (and per im2col block) of a large map
+MIN_BLOCKS = 8                # a smaller product is cut into this many blocks ...
+MIN_BLOCK_PIXELS = 64         # ... of at least this many pixels
 DEPTHWISE_BLOCK = 1 << 16     # elements of one (B, channels, H_out, W_out) block of a depthwise conv
 
 
+def block_pixels(n):
+    """Output pixels per block for a product with n output pixels (a function of n alone)."""
+    return min(GEMM_BLOCK_PIXELS, max(MIN_BLOCK_PIXELS, -(-n // MIN_BLOCKS)))
+
+
 def matmul(a, b, pixels="columns", *, parallel_for):
-    """`reference.layers.matmul` in blocks of GEMM_BLOCK_PIXELS output pixels on `parallel_for`.
+    """`reference.layers.matmul` in blocks of `block_pixels` output pixels on `parallel_for`.
 
     pixels: 'columns' when the pixels are the last axis of b and of the result (``W @ X``, X
     ``(..., K, P)`` -> ``(..., M, P)``); 'rows' when they are the second-last axis of a and of the
@@ -36,15 +45,16 @@ def matmul(a, b, pixels="columns", *, parallel_for):
     out = np.empty(batch + (a.shape[-2], b.shape[-1]), np.float32)
     columns = pixels == "columns"
     n = out.shape[-1] if columns else out.shape[-2]
+    size = block_pixels(n)
 
     def block(i):
-        s = slice(i * GEMM_BLOCK_PIXELS, min(n, (i + 1) * GEMM_BLOCK_PIXELS))
+        s = slice(i * size, min(n, (i + 1) * size))
         if columns:
             np.matmul(a, b[..., s], out=out[..., s])
         else:
             np.matmul(a[..., s, :], b, out=out[..., s, :])
 
-    parallel_for(block, -(-n // GEMM_BLOCK_PIXELS))
+    parallel_for(block, -(-n // size))
     return out
 
 
@@ -91,13 +101,13 @@ def _depthwise(xp, w, h_out, w_out):
 
 def _im2col_conv(xp, weight, groups, h_out, w_out, parallel_for):
     """`reference.layers.im2col_conv`, the patch matrix copied a block of output rows (about
-    GEMM_BLOCK_PIXELS pixels) at a time, one block per task of `parallel_for`."""
+    `block_pixels` pixels) at a time, one block per task of `parallel_for`."""
     B = xp.shape[0]
     c_out, cg, kh, kw = weight.shape
     k = cg * kh * kw
     w_mat = weight.reshape(groups, c_out // groups, k)
     win = im2col_patches(xp, kh, kw, groups, h_out, w_out)
-    rows = max(1, min(h_out, GEMM_BLOCK_PIXELS // w_out))
+    rows = max(1, min(h_out, block_pixels(h_out * w_out) // w_out))
     per_image = -(-h_out // rows)
     out = np.empty((B, groups, c_out // groups, h_out * w_out), np.float32)
 

@@ -10,7 +10,7 @@ passes (mean, centred variance, write) over a `(C, strip)` tile that stays in ca
 import numpy as np
 from numba import njit, prange
 
-from eamamba_ref.kernels.cpu.fastexp import FASTMATH_REASSOC
+from eamamba_ref.kernels.cpu.fastexp import FASTMATH
 
 f32 = np.float32
 STRIP = 256          # pixels per task: a (C, STRIP) float32 tile is <= 512 KiB for C <= 512
@@ -18,32 +18,32 @@ STRIP = 256          # pixels per task: a (C, STRIP) float32 tile is <= 512 KiB 
 
 # Loops inside a prange body are not vectorised by LLVM here; in small functions of their own they
 # are (see ssm/fused.py). Hence the helpers.
-@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _add(acc, row):
     for i in range(acc.size):
         acc[i] += row[i]
 
 
-@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _add_sq_dev(acc, row, mean):
     for i in range(acc.size):
         e = row[i] - mean[i]
         acc[i] += e * e
 
 
-@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _normalise(out, row, mean, rstd, w, b):
     for i in range(out.size):
         out[i] = (row[i] - mean[i]) * rstd[i] * w + b
 
 
-@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _scale(out, row, rstd, w):
     for i in range(out.size):
         out[i] = row[i] * rstd[i] * w
 
 
-@njit(parallel=True, fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _layer_norm_channels_kernel(x, weight, bias, eps, with_bias, out):
     """x, out: (B, C, P) float32; two-pass statistics per pixel, like `layers.layer_norm`."""
     B, C, P = x.shape
