@@ -156,10 +156,12 @@ def _executor(threads):
 
 
 def parallel_for(fn, n_tasks):
-    """fn(0), ..., fn(n_tasks - 1) on the pool (inline when there is one task or one thread),
-    inside `forward_threads()` so that each runs BLAS on one thread. The tasks must write to
-    disjoint outputs; which thread runs which task does not matter to the result. Returns None;
-    an exception of a task is raised here."""
+    """fn(0), ..., fn(n_tasks - 1) on the pool and the calling thread (inline when there is one
+    task or one thread), inside `forward_threads()` so that each runs BLAS on one thread. The tasks
+    must write to disjoint outputs; which thread runs which task does not matter to the result.
+    Each thread takes the next task until none is left (a shared iterator: `next` on it is atomic
+    under the GIL), so a call costs one hand-off per thread, not one per task. Returns None; an
+    exception of a task is raised here."""
     if threading.current_thread().name.startswith(_POOL_PREFIX):
         for i in range(n_tasks):          # a task of the pool itself: inline, never wait on the pool
             fn(i)
@@ -170,5 +172,14 @@ def parallel_for(fn, n_tasks):
             for i in range(n_tasks):
                 fn(i)
             return
-        for future in [_executor(num_threads()).submit(fn, i) for i in range(n_tasks)]:
-            future.result()
+        tasks = iter(range(n_tasks))
+
+        def worker():
+            for i in tasks:
+                fn(i)
+        helpers = [_executor(num_threads()).submit(worker) for _ in range(threads - 1)]
+        try:
+            worker()
+        finally:
+            for future in helpers:
+                future.result()

@@ -28,8 +28,15 @@ def block_pixels(n):
     return min(GEMM_BLOCK_PIXELS, max(MIN_BLOCK_PIXELS, -(-n // MIN_BLOCKS)))
 
 
+def _cuts(n, size):
+    """[0, n) as consecutive slices of `size` (the last one shorter)."""
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
 def matmul(a, b, pixels="columns", *, parallel_for):
-    """`reference.layers.matmul` in blocks of `block_pixels` output pixels on `parallel_for`.
+    """`reference.layers.matmul` in blocks of `block_pixels` output pixels on `parallel_for`; a
+    product with too few pixels for MIN_BLOCKS blocks is also cut along the weight's other axis
+    (in slices of at least MIN_BLOCK_PIXELS rows or columns).
 
     pixels: 'columns' when the pixels are the last axis of b and of the result (``W @ X``, X
     ``(..., K, P)`` -> ``(..., M, P)``); 'rows' when they are the second-last axis of a and of the
@@ -44,17 +51,20 @@ def matmul(a, b, pixels="columns", *, parallel_for):
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     out = np.empty(batch + (a.shape[-2], b.shape[-1]), np.float32)
     columns = pixels == "columns"
-    n = out.shape[-1] if columns else out.shape[-2]
-    size = block_pixels(n)
+    n, other = (out.shape[-1], out.shape[-2]) if columns else (out.shape[-2], out.shape[-1])
+    pixel_cuts = _cuts(n, block_pixels(n))
+    parts = max(1, min(-(-MIN_BLOCKS // len(pixel_cuts)), other // MIN_BLOCK_PIXELS))
+    other_cuts = _cuts(other, -(-other // parts))
+    tasks = [(p, o) for p in pixel_cuts for o in other_cuts]
 
     def block(i):
-        s = slice(i * size, min(n, (i + 1) * size))
-        if columns:
-            np.matmul(a, b[..., s], out=out[..., s])
-        else:
-            np.matmul(a[..., s, :], b, out=out[..., s, :])
+        p, o = tasks[i]
+        if columns:     # W[o] @ X[:, p]
+            np.matmul(a[..., o, :], b[..., p], out=out[..., o, p])
+        else:           # X[p] @ W[:, o]
+            np.matmul(a[..., p, :], b[..., o], out=out[..., p, o])
 
-    parallel_for(block, -(-n // size))
+    parallel_for(block, len(tasks))
     return out
 
 
