@@ -418,6 +418,7 @@ def run_interleaved(impls, size, args, tmp):
             expect(impl, "ready")
         for _ in range(args.repeats):
             for impl in list(workers):
+                time.sleep(args.pause)      # the previous row's idle threads (torch's OpenMP spins) settle
                 workers[impl][0].stdin.write("go\n")
                 workers[impl][0].stdin.flush()
                 expect(impl)
@@ -560,6 +561,8 @@ def main(argv=None):
     parser.add_argument("--unfused", action="store_true",
                         help="also time eamamba_ref without the fused MHSSM kernels (plain composition "
                              "+ numba scan), to show what the fusion gains")
+    parser.add_argument("--pause", type=float, default=0.5,
+                        help="seconds of quiet before each timed forward (between the rows' turns)")
     parser.add_argument("--baseline", default=None, metavar="DIR",
                         help="also time the eamamba_ref of another checkout (e.g. a git worktree of an "
                              "earlier commit), imported first, beside this one: a before/after row")

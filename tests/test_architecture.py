@@ -140,6 +140,14 @@ def test_the_reference_reads_without_a_backend_switch():
             assert word not in text, f"{path.name} mentions {word!r}"
 
 
+def run_python(script):
+    """Run `script` in a fresh interpreter on this checkout; assert it printed 'ok'."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_importing_the_package_changes_nothing_in_the_process():
     """No environment variable written, no library threads started, no numba.cuda or torch loaded."""
     script = (
@@ -150,10 +158,7 @@ def test_importing_the_package_changes_nothing_in_the_process():
         "assert threading.active_count() == threads\n"
         "assert 'torch' not in sys.modules and 'numba.cuda' not in sys.modules\n"
         "print('ok')\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    run_python(script)
 
 
 def test_the_pytorch_room_loads_none_of_the_numpy_model():
@@ -168,7 +173,4 @@ def test_the_pytorch_room_loads_none_of_the_numpy_model():
         "import eamamba_ref\n"
         "assert eamamba_ref.EAMamba.__module__ == 'eamamba_ref.runtime.model'\n"
         "print('ok')\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    run_python(script)
