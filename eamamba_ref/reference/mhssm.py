@@ -62,7 +62,6 @@ def _linear(p, name, x, ops):
     return out
 
 
-# The stages of the plain composition, each recorded under its name while a trace is recording.
 # The stages of the module, each a boundary named after the official stage (reference.hooks).
 @traced("in_proj")
 def in_projection(p, x, ops):
