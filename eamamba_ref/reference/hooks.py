@@ -38,28 +38,6 @@ def is_recording():
     return _recorder.get() is not None
 
 
-def record(name, value):
-    """Store `value` under the current scope + `name` if a recording is active. Returns `value`."""
-    rec = _recorder.get()
-    if rec is not None:
-        rec.add(name, value)
-    return value
-
-
-@contextlib.contextmanager
-def scope(name):
-    """Prefix the names recorded inside with `name.`."""
-    rec = _recorder.get()
-    if rec is None:
-        yield
-        return
-    rec.prefix.append(name)
-    try:
-        yield
-    finally:
-        rec.prefix.pop()
-
-
 @contextlib.contextmanager
 def row_strip(first_row, height):
     """Inside: 4-D values recorded are rows `first_row...` of a map `height` rows high (a function
