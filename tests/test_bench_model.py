@@ -42,3 +42,21 @@ def test_denormals_flushed_on_all_of_torchs_threads():
     out = _run("import torch, bench_model as b\n"
                "print(b.flush_denormals_everywhere(2), torch.get_num_threads())")
     assert out[-2:] == ["True", "2"]
+
+
+def test_peak_memory_is_the_peak_inside_the_block():
+    # A 400 MB array freed before the block must not count; a 200 MB one made and freed inside
+    # must (its pages are touched, so they were resident). Runs without torch.
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("import sys; sys.path.insert(0, 'benchmarks')\n"
+            "import numpy as np, bench_model as b\n"
+            "big = np.ones(100 << 20, np.float32); del big\n"
+            "base = b.rss_mib()\n"
+            "with b.PeakRss() as p:\n"
+            "    a = np.ones(50 << 20, np.float32); a += 1; del a\n"
+            "print(p.peak - base, p.how)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = float(done.stdout.split()[0])
+    assert 150 < growth < 350, done.stdout
