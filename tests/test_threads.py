@@ -105,10 +105,36 @@ def test_output_bits_do_not_depend_on_threads_or_import_order(runs, key):
     assert set(hashes.values()) == {first}, hashes
 
 
-def test_each_run_used_its_thread_count_and_the_quiet_layer(runs):
+def _first_layer_that_loads():
+    """The first of the runtime's preferred layers that Numba can start in a fresh process."""
+    for layer in runtime.PREFERRED_THREADING_LAYERS:
+        done = subprocess.run([sys.executable, "-c", "import numba\n"
+                               f"numba.config.THREADING_LAYER = {layer!r}\nnumba.get_num_threads()"],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            return layer
+    raise AssertionError("no preferred threading layer loads")
+
+
+def test_each_run_used_its_thread_count_and_the_preferred_layer(runs):
+    expected = _first_layer_that_loads()
     for (order, threads, *_), r in runs.items():
         assert r["threads"] == threads, (order, threads, r["threads"])
-        assert r["layer"] == runtime.PREFERRED_THREADING_LAYER, (order, threads, r["layer"])
+        assert r["layer"] == expected, (order, threads, r["layer"])
+
+
+def test_without_tbb_the_runtime_falls_back_to_workqueue():
+    # tbbpool made unimportable: Numba cannot start 'tbb', and the next preferred layer starts
+    env = dict(os.environ, NUMBA_NUM_THREADS="2",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("NUMBA_THREADING_LAYER", None)
+    script = ("import sys\nsys.modules['numba.np.ufunc.tbbpool'] = None\n"
+              "import numba\nfrom eamamba_ref.runtime import threads as runtime\n"
+              "print(runtime.start_numba_threads(), numba.threading_layer(), numba.config.THREADING_LAYER)")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["workqueue", "workqueue", "default"], done.stdout
 
 
 def test_import_and_forward_leave_the_environment_alone_without_warnings(runs):
