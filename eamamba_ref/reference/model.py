@@ -94,17 +94,24 @@ def block(p, x, cfg, ops):
     return x + ops.channel_mixer(sub(p, "ffn"), norm(p, "norm2", x, ops), cfg.channel_mixer_type, ops)
 
 
-@traced(_named, scope=_named)
-def named_block(params, name, x, cfg, ops):
-    """`block` with the parameters under `name.` (traced as the official module `name`)."""
-    return block(sub(params, name), x, cfg, ops)
+def _block_name(a):
+    """The official module name of block `index` of an nn.Sequential named `prefix`."""
+    return f"{a['prefix']}.{a['index']}"
+
+
+@traced(_block_name, scope=_block_name)
+def named_block(level, prefix, index, x, cfg, ops):
+    """`block` with the parameters of block `index` of `level` (the parameters under `prefix.`,
+    prefix stripped), traced as the official module `prefix.index`."""
+    return block(sub(level, str(index)), x, cfg, ops)
 
 
 @traced(lambda a: a["prefix"])
 def blocks(params, prefix, count, x, cfg, ops):
     """`count` blocks in sequence (an official nn.Sequential named `prefix`)."""
+    level = sub(params, prefix)      # one pass over all the parameters, then over this level's only
     for i in range(count):
-        x = named_block(params, f"{prefix}.{i}", x, cfg, ops)
+        x = named_block(level, prefix, i, x, cfg, ops)
     return x
 
 
