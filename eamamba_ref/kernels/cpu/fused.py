@@ -42,6 +42,7 @@ from eamamba_ref.kernels.cpu import scan as cpu_scan
 from eamamba_ref.kernels.cpu.scan import (BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS_PER_THREAD,
                                           recurrence)
 from eamamba_ref.kernels.cpu.fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
+from eamamba_ref.kernels.cpu.fpenv import flush_denormals, restore_fpenv
 from eamamba_ref.kernels.cpu.prefetch import prefetch, prefetch_write
 from eamamba_ref.reference.hooks import Part, traced
 
@@ -235,6 +236,7 @@ def _directional_scan_kernel(u, xdbl, table, w_dt, bias, A, Dv, per_task, y):
     n_tasks = batch * K * per_head
 
     for task in prange(n_tasks):
+        fpenv = flush_denormals()          # denormal states are 0 on this thread (cpu.scan, fpenv)
         b = task // (K * per_head)
         k = (task // per_head) % K
         j0 = (task % per_head) * per_task
@@ -264,6 +266,7 @@ def _directional_scan_kernel(u, xdbl, table, w_dt, bias, A, Dv, per_task, y):
 
             # Scatter: straight back to the pixels (this is `restore`).
             _scatter(y_chunk, table[k], t0, steps, c0, y[b])
+        restore_fpenv(fpenv)
 
 
 def _scan_order(per_pixel, table):
