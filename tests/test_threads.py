@@ -6,6 +6,7 @@ OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / NUMBA_NUM_THREADS and its own import or
 first, NumPy first, torch imported and used first), and compare SHA-256 hashes of the outputs:
 the 'numba' backend whole and over tiles, and the 'numpy' backend.
 """
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -106,13 +107,20 @@ def test_output_bits_do_not_depend_on_threads_or_import_order(runs, key):
 
 
 def _first_layer_that_loads():
-    """The first of the runtime's preferred layers that Numba can start in a fresh process."""
+    """The first of the runtime's preferred layers that Numba can start in a fresh process; where
+    the tbb package is installed (a dependency on x86-64) that must be 'tbb'."""
     for layer in runtime.PREFERRED_THREADING_LAYERS:
         done = subprocess.run([sys.executable, "-c", "import numba\n"
                                f"numba.config.THREADING_LAYER = {layer!r}\nnumba.get_num_threads()"],
                               capture_output=True, text=True, timeout=300)
         if done.returncode == 0:
             return layer
+        try:
+            importlib.metadata.version(layer)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        raise AssertionError(f"the {layer} package is installed but Numba cannot start it: "
+                             + done.stderr[-1000:])
     raise AssertionError("no preferred threading layer loads")
 
 
