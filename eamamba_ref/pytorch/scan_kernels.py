@@ -34,25 +34,23 @@ buffers before the reverse sweep: one extra exp per state update, nothing of siz
 
 Denormals: decayed states and gradients underflow; on x86 every denormal operand or result costs
 ~100 cycles. Each task sets the FTZ and DAZ bits of its thread's MXCSR (flush denormals to zero)
-and restores the previous value when it ends, so other code on Numba's worker threads is not
-affected. The change to results is below 1e-38 absolute.
+and restores the previous value when it ends (``kernels.cpu.fpenv``, which the forward model's
+scans use too), so other code on Numba's worker threads is not affected. The change to results is below 1e-38 absolute.
 
 Dtypes: every array of one call has the same dtype. float32 uses the vectorisable exp of
 ``ssm.fastexp`` (~3e-7 relative); float64 uses libm (for ``gradcheck``).
 """
 
 import math
-import platform
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from eamamba_ref.kernels.cpu.fastexp import FASTMATH_REASSOC, fexp
 from eamamba_ref.kernels.cpu.fastexp import silu as silu32
 from eamamba_ref.kernels.cpu.fastexp import softplus as softplus32
+from eamamba_ref.kernels.cpu.fpenv import flush_denormals, restore_fpenv
 
 __all__ = ["TASK_CHANNELS", "DEFAULT_CHUNK", "task_layout", "slots_per_group", "scan_forward",
            "scan_backward"]
@@ -60,49 +58,6 @@ __all__ = ["TASK_CHANNELS", "DEFAULT_CHUNK", "task_layout", "slots_per_group", "
 TASK_CHANNELS = 8  # channels per task: few dL/dB, dL/dC slots to sum, enough tasks to balance
 DEFAULT_CHUNK = 64  # steps between saved states: memory (b, d, l/64, n), buffers stay in L1
 SOFTPLUS_THRESHOLD = 20.0  # above it softplus(x) = x (as the CUDA kernel and torch)
-
-# ------------------------------------------------------------------------- denormal flushing
-
-_MXCSR_FTZ_DAZ = 0x8040  # bit 15 flush-to-zero, bit 6 denormals-are-zero
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-
-
-@intrinsic
-def _enter_ftz(typingctx):
-    """Set FTZ/DAZ in this thread's MXCSR; return the previous MXCSR (0 and no-op off x86)."""
-
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        if not _X86:
-            return ir.Constant(i32, 0)
-        slot = cgutils.alloca_once(builder, i32)
-        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
-        stmxcsr = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.stmxcsr")
-        ldmxcsr = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.ldmxcsr")
-        ptr = builder.bitcast(slot, ir.IntType(8).as_pointer())
-        builder.call(stmxcsr, [ptr])
-        old = builder.load(slot)
-        builder.store(builder.or_(old, ir.Constant(i32, _MXCSR_FTZ_DAZ)), slot)
-        builder.call(ldmxcsr, [ptr])
-        return old
-
-    return types.uint32(), codegen
-
-
-@intrinsic
-def _leave_ftz(typingctx, old):
-    """Restore an MXCSR value returned by ``_enter_ftz``."""
-
-    def codegen(context, builder, signature, args):
-        if _X86:
-            slot = cgutils.alloca_once_value(builder, args[0])
-            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
-            ldmxcsr = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.ldmxcsr")
-            builder.call(ldmxcsr, [builder.bitcast(slot, ir.IntType(8).as_pointer())])
-        return context.get_dummy_value()
-
-    return types.void(types.uint32), codegen
-
 
 # --------------------------------------------------- scalar functions, one version per dtype
 # The plain-Python bodies state the maths; inside Numba code the overloads below are used
@@ -328,12 +283,12 @@ def scan_forward(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, chunk,
     n_channels = u.shape[1]
     runs = n_channels // run
     for task in prange(u.shape[0] * runs * tasks_per_run):
-        mxcsr = _enter_ftz()
+        mxcsr = flush_denormals()
         b, d0, n_ch, _ = _task_channels(task, runs, run, tasks_per_run, task_channels)
         _forward_task(b, d0, n_ch, d0 // (n_channels // Bm.shape[1]),
                       d0 // (n_channels // Cm.shape[1]), u, delta, A, Bm, Cm, Dv, z, bias,
                       softplus_delta, has_z, chunk, out, y_gate_in, h_saved, h_last)
-        _leave_ftz(mxcsr)
+        restore_fpenv(mxcsr)
 
 
 # --------------------------------------------------------------------------------- backward
@@ -454,7 +409,7 @@ def scan_backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, chunk
     per_group_c = n_channels // Cm.shape[1]
     runs = n_channels // run
     for task in prange(u.shape[0] * runs * tasks_per_run):
-        mxcsr = _enter_ftz()
+        mxcsr = flush_denormals()
         b, d0, n_ch, s = _task_channels(task, runs, run, tasks_per_run, task_channels)
         _backward_task(b, d0, n_ch, d0 // per_group_b, d0 // per_group_c,
                        _slot(d0, s, per_group_b, run, tasks_per_run),
@@ -462,4 +417,4 @@ def scan_backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, chunk
                        u, delta, A, Bm, Cm, Dv, z, bias, softplus_delta, has_z, chunk,
                        y_gate_in, h_saved, g_out, g_last, has_g_last,
                        g_u, g_delta, g_z, g_A, g_D, g_bias, g_Bp, g_Cp)
-        _leave_ftz(mxcsr)
+        restore_fpenv(mxcsr)
