@@ -24,7 +24,7 @@ and whatever the user imported first (NumPy, torch):
   PREFERRED_THREADING_LAYERS that loads. 'tbb' (Intel oneTBB, the `tbb` package) first: its
   calling thread takes part in every kernel and its idle workers wait a few microseconds before
   they sleep, so the ~460 kernels of a forward pass do not each pay a wake-up of sleeping threads
-  (measured on 2 cores: the whole model 15-20 % faster at 64x64 and ~10 % at 128x128 than with
+  (measured on 2 cores: the whole model 15-20 % faster at 64x64 and 10-20 % at 128x128 than with
   'workqueue'). Then Numba's own 'workqueue', whose threads sleep on a condition variable between
   kernels. Both behave the same whatever was imported first, and both survive a `fork`.
   'omp' is never chosen: GNU OpenMP hangs a forked child of a process that used it (a

@@ -10,7 +10,7 @@ calling thread and returns the previous MXCSR value, which `restore_fpenv` puts 
 task calls the first on entry and the second on exit, so no thread is left changed after it.
 
 Elsewhere (ARM, ...) there is no MXCSR: `HARDWARE_FTZ` is False, both functions do nothing, and
-the scan flushes tiny states itself (one compare and select per state update, ~11 % of the scan
+the scan flushes tiny states itself (one compare and select per state update, ~13 % of the scan
 kernel's time on x86, which is why the switch is used where it exists).
 
 Both compile to LLVM's `llvm.x86.sse.stmxcsr` / `ldmxcsr` (STMXCSR / LDMXCSR).
