@@ -252,17 +252,22 @@ def test_plain_scan_same_bits_for_any_task_layout():
         assert y.tobytes() == outs[0][0].tobytes() and s.tobytes() == outs[0][1].tobytes()
 
 
-def test_gemm_pool_works_in_a_forked_child():
+def test_gemm_pool_and_numba_kernels_work_in_a_forked_child():
     # The parent's pool threads do not exist in a forked child; the runtime must make a new pool
-    # there instead of queueing blocks for threads that will never run them (a hang).
+    # there instead of queueing blocks for threads that will never run them (a hang). The Numba
+    # layer the runtime chose must run a parallel kernel there too (GNU OpenMP's would hang).
     script = (
         "import multiprocessing as mp, numpy as np\n"
         "from eamamba_ref.runtime import threads as runtime\nfrom eamamba_ref.runtime.backends import table\n"
         "a, b = np.ones((8, 16), np.float32), np.ones((16, 5000), np.float32)\n"
+        "x = np.random.default_rng(0).standard_normal((1, 16, 64, 64)).astype(np.float32)\n"
+        "w = np.ones(16, np.float32)\n"
         "runtime.num_threads = lambda: 2\n"
         "table('numba').matmul(a, b)\n"
+        "normed = table('numba').layer_norm_channels(x, w, w)\n"
         "def child(q):\n"
-        "    q.put(float(table('numba').matmul(a, b).sum()))\n"
+        "    same = np.array_equal(table('numba').layer_norm_channels(x, w, w), normed)\n"
+        "    q.put(float(table('numba').matmul(a, b).sum()) if same else -1.0)\n"
         "q = mp.get_context('fork').Queue()\n"
         "p = mp.get_context('fork').Process(target=child, args=(q,))\n"
         "p.start()\n"
