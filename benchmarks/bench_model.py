@@ -299,7 +299,7 @@ def child(impl, size, repeats, threads, checkpoint, seed, torch_scan=None):
         model = EAMamba(cfg, params)
         if impl == "unfused":           # the plain composition with the numba scan (before fusion)
             from eamamba_ref.reference.ops import NUMPY
-            model.ops = model.ops._replace(mhssm=NUMPY.mhssm)
+            model.ops = model.ops._replace(mhssm=NUMPY.mhssm, block_mhssm=NUMPY.block_mhssm)
 
         def forward():
             return model(x)
@@ -544,13 +544,15 @@ def stage_profile(cfg, params, size):
     const = lambda label: (lambda *a, **k: label)  # noqa: E731
     net = EAMamba(cfg, params)
     stages = {"conv2d": conv_stage, "matmul": const("MHSSM projections (GEMM)"),
-              "mhssm": const("MHSSM element-wise and glue"),
+              "mhssm": const("MHSSM element-wise and glue"), "block_mhssm": const("MHSSM element-wise and glue"),
+              "block_ffn": const("FFN halves (norm2, 1x1s, gate, residual: fused)"),
               "all_around": const("scan transforms (gather/scatter)"),
               "restore": const("scan transforms (gather/scatter)"), "selective_scan": const("selective scans"),
               "layer_norm_channels": const("norms"), "layer_norm": const("norms"), "silu": const("activations")}
     net.ops = net.ops._replace(**{name: timed(getattr(net.ops, name), stage) for name, stage in stages.items()})
     kernels = {"directional_scan": const("selective scans (fused gather/scatter, dt_proj)"),
-               "dwconv_silu_pixel_major": const("depthwise convs"), "layer_norm_gate": const("norms")}
+               "dwconv_silu_pixel_major": const("depthwise convs"), "layer_norm_gate": const("norms"),
+               "project": const("MHSSM projections (GEMM)")}
     originals = {name: getattr(fused, name) for name in kernels}
     for name, stage in kernels.items():        # called by the fused MHSSM as module globals
         setattr(fused, name, timed(originals[name], stage))

@@ -86,11 +86,20 @@ def channel_attention(p, h, ops):
 # ------------------------------------------------------------------------------ blocks
 def block(p, x, cfg, ops):
     """MambaFormerBlock: x + MHSSM(LN(x)), then + FFN(LN(x)). x: `(B, C, H, W)`."""
+    x = ops.block_mhssm(p, x, cfg, ops)
+    return ops.block_ffn(p, x, cfg, ops)
+
+
+def block_mhssm(p, x, cfg, ops):
+    """The block's first half, `x + MHSSM(norm1(x))`, on `(B, C, H, W)`."""
     B, C, H, W = x.shape
     tokens = norm(p, "norm1", x, ops).reshape(B, C, H * W)
     mixed = ops.mhssm(sub(p, "mamba"), tokens, (H, W), cfg.mamba, ops)          # (B, C, L)
-    x = x + mixed.reshape(B, C, H, W)
-    del tokens, mixed                     # full-resolution maps: free them before the FFN's peak
+    return x + mixed.reshape(B, C, H, W)
+
+
+def block_ffn(p, x, cfg, ops):
+    """The block's second half, `x + FFN(norm2(x))`, on `(B, C, H, W)`."""
     return x + ops.channel_mixer(sub(p, "ffn"), norm(p, "norm2", x, ops), cfg.channel_mixer_type, ops)
 
 

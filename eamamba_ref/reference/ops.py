@@ -40,6 +40,8 @@ class Ops(NamedTuple):
                                    #  delta_softplus=False, return_last_state=False) ssm.selective_scan
     mhssm: Callable                # (p, x, size, cfg, ops)                          mhssm.mhssm
     channel_mixer: Callable        # (p, x, kind, ops)                               model.channel_mixer
+    block_mhssm: Callable          # (p, x, cfg, ops): x + MHSSM(norm1(x))           model.block_mhssm
+    block_ffn: Callable            # (p, x, cfg, ops): x + FFN(norm2(x))             model.block_ffn
 
 
 NUMPY = Ops(
@@ -63,4 +65,6 @@ NUMPY = Ops(
     selective_scan=ssm.selective_scan,
     mhssm=mhssm.mhssm,
     channel_mixer=model.channel_mixer,
+    block_mhssm=model.block_mhssm,
+    block_ffn=model.block_ffn,
 )

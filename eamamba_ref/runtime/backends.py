@@ -5,7 +5,8 @@ A backend is a `reference.ops.Ops` table:
     'numpy'  `reference.ops.NUMPY`: the readable reference, exactly;
     'numba'  the reference with the parallel CPU kernels of `kernels.cpu` in place of conv2d and
              matmul (blocked, on the runtime's pool), the blocks' LayerNorm, the selective scan,
-             the MHSSM (fused) and the FFN (by row strips): the default;
+             the MHSSM (fused), the FFN (by row strips) and the blocks' two halves (each fused
+             with its LayerNorm and residual): the default;
     'cuda'   numba.cuda kernels on GPU arrays (`kernels.cuda.tensor`) for every operation, with
              the reference's MHSSM and FFN composing them.
 
@@ -133,18 +134,22 @@ def _table(name):
     if name == "numpy":
         return NUMPY
     if name == "numba":
-        from eamamba_ref.kernels.cpu import fused, gemm, norms, scan, strips
+        from eamamba_ref.kernels.cpu import fused, gemm, halves, norms, scan, strips
+        pool = functools.partial
         return NUMPY._replace(
-            conv2d=functools.partial(gemm.conv2d, parallel_for=threads.parallel_for),
-            matmul=functools.partial(gemm.matmul, parallel_for=threads.parallel_for),
+            conv2d=pool(gemm.conv2d, parallel_for=threads.parallel_for),
+            matmul=pool(gemm.matmul, parallel_for=threads.parallel_for),
             layer_norm_channels=norms.layer_norm_channels,
             selective_scan=scan.selective_scan,
-            mhssm=fused.mhssm,
+            mhssm=pool(fused.mhssm, parallel_for=threads.parallel_for),
             channel_mixer=strips.channel_mixer,
+            block_mhssm=pool(halves.block_mhssm, parallel_for=threads.parallel_for),
+            block_ffn=pool(halves.block_ffn, parallel_for=threads.parallel_for),
         )
     from eamamba_ref.kernels.cuda import tensor as T
-    return Ops(**{name: getattr(T, name) for name in Ops._fields if name not in ("mhssm", "channel_mixer")},
-               mhssm=NUMPY.mhssm, channel_mixer=NUMPY.channel_mixer)
+    composed = ("mhssm", "channel_mixer", "block_mhssm", "block_ffn")    # the reference composes them
+    return Ops(**{name: getattr(T, name) for name in Ops._fields if name not in composed},
+               **{name: getattr(NUMPY, name) for name in composed})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from eamamba_ref.kernels.cpu.scan import (BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS
                                           recurrence)
 from eamamba_ref.kernels.cpu.fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
 from eamamba_ref.kernels.cpu.fpenv import flush_denormals, restore_fpenv
+from eamamba_ref.kernels.cpu.gemm import project, serial_for
 from eamamba_ref.kernels.cpu.prefetch import prefetch, prefetch_write
 from eamamba_ref.reference.hooks import Part, traced
 
@@ -383,25 +384,32 @@ def fusable(cfg):
     return cfg.conv_2d and (cfg.scan_merge_method == "concate" or cfg.scan_count == 1)
 
 
-def mhssm(p, x, size, cfg, ops):
+def mhssm(p, x, size, cfg, ops, *, parallel_for=serial_for):
     """`reference.mhssm.mhssm` (same arguments and result, to float32 rounding): fused kernels for
     the configurations `fusable` accepts, the reference composition (on `ops`) for the others.
-    x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`."""
+    x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`. parallel_for: the pool of the projections."""
     if not fusable(cfg):
         return reference_mhssm(p, x, size, cfg, ops)
-    return fused_mhssm(p, x, size, cfg, ops)
+    return fused_mhssm(p, x, size, cfg, ops, parallel_for)
 
 
 @traced("mamba", scope="mamba")
-def fused_mhssm(p, x, size, cfg, ops):
-    """The MHSSM computed with the kernels above (`fusable` configurations only); `ops.matmul`
-    runs the projections.
+def fused_mhssm(p, x, size, cfg, ops, parallel_for=serial_for):
+    """The MHSSM computed with the kernels above (`fusable` configurations only); see `mhssm_core`."""
+    return mhssm_core(p, x, size, cfg, ops, parallel_for)
+
+
+def mhssm_core(p, x, size, cfg, ops, parallel_for=serial_for, norm=None, residual=False):
+    """The fused MHSSM, optionally with the block's LayerNorm before it and its residual after it:
+    `x + MHSSM(LN(x))` (the projections then normalise and add per block of pixels,
+    `gemm.project`, and neither the normalised map nor the MHSSM's output is ever stored).
 
     Steps 2-6 of the plain composition run pixel-major `(B, L, d)`: the depthwise conv writes its
     output transposed, x_proj runs on the row-major map (it commutes with the reordering), one
     kernel does dt_proj, softplus, the K directional scans and the D skip while reading and writing
     through the directions' index tables, and LayerNorm * SiLU(z) is one more pass. No
-    `(B, K, C', L)` copy is made. x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`.
+    `(B, K, C', L)` copy is made. x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`;
+    norm: None or (weight, bias or None, eps); residual: whether x is added to the output.
     """
     B, C, L = x.shape
     d = cfg.d_inner(C)
@@ -410,7 +418,7 @@ def fused_mhssm(p, x, size, cfg, ops):
     b_in = p.get("in_proj.bias")
 
     # 1. in_proj, first half: x channel-first for the conv (the gate z comes after the scan)
-    xs = _project_x(w_in, b_in, x, d, ops)                                # (B, d, L)
+    xs = _project_x(w_in, b_in, x, d, norm, parallel_for)                   # (B, d, L)
 
     # 2. depthwise conv + SiLU, written pixel-major
     u = dwconv_silu_pixel_major(xs.reshape(B, d, *size), p["conv.weight"], p.get("conv.bias"))
@@ -426,11 +434,11 @@ def fused_mhssm(p, x, size, cfg, ops):
 
     # 6. in_proj, second half: the gate z straight to pixel-major (x^T W_z^T), made only now so
     #    that it and xdbl (the largest array here) never coexist: peak memory at 512x512
-    z = None if cfg.disable_z_branch else _project_z(w_in, b_in, x, d, ops)   # (B, L, d)
+    z = None if cfg.disable_z_branch else _project_z(w_in, b_in, x, d, norm, parallel_for)  # (B, L, d)
 
     # 7. LayerNorm * SiLU(z) in place, then out_proj back to channel-first (W_out y^T)
     y = layer_norm_gate(y, z, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5)
-    return _project_out(p, y, ops)                                        # (B, C, L)
+    return _project_out(p, y, x if residual else None, parallel_for)     # (B, C, L)
 
 
 def _in_proj_part(xs, where, a):
@@ -439,27 +447,22 @@ def _in_proj_part(xs, where, a):
 
 
 @traced(after=lambda a, xs: _in_proj_part(xs, slice(0, a["d"]), a))
-def _project_x(w_in, b_in, x, d, ops):
-    """in_proj's first d outputs (the SSM input) on `x (B, C, L)`: `(B, d, L)`."""
-    xs = ops.matmul(w_in[:d], x)
-    if b_in is not None:
-        xs += b_in[:d, None]
-    return xs
+def _project_x(w_in, b_in, x, d, norm, parallel_for):
+    """in_proj's first d outputs (the SSM input) on `x (B, C, L)` (or on LN(x)): `(B, d, L)`."""
+    return project(w_in[:d], x, norm=norm, bias=None if b_in is None else b_in[:d],
+                   parallel_for=parallel_for)
 
 
 @traced(after=lambda a, z: _in_proj_part(_channel_first(z), slice(a["d"], None), a))
-def _project_z(w_in, b_in, x, d, ops):
-    """in_proj's last d outputs (the gate z) on `x (B, C, L)`, pixel-major: `(B, L, d)`."""
-    z = ops.matmul(x.transpose(0, 2, 1), w_in[d:].T, "rows")
-    if b_in is not None:
-        z += b_in[d:]
-    return z
+def _project_z(w_in, b_in, x, d, norm, parallel_for):
+    """in_proj's last d outputs (the gate z) on `x (B, C, L)` (or on LN(x)), pixel-major: `(B, L, d)`."""
+    return project(w_in[d:], x, norm=norm, bias=None if b_in is None else b_in[d:],
+                   pixel_major_out=True, parallel_for=parallel_for)
 
 
 @traced("out_proj")
-def _project_out(p, y, ops):
-    """out_proj on pixel-major `y (B, L, d)` -> channel-first `(B, C, L)` (W_out y^T)."""
-    out = ops.matmul(p["out_proj.weight"], y.transpose(0, 2, 1))
-    if "out_proj.bias" in p:
-        out += p["out_proj.bias"][:, None]
-    return out
+def _project_out(p, y, residual, parallel_for):
+    """out_proj on pixel-major `y (B, L, d)` -> channel-first `(B, C, L)` (W_out y^T), plus
+    `residual (B, C, L)` if given."""
+    return project(p["out_proj.weight"], y, bias=p.get("out_proj.bias"), residual=residual,
+                   pixel_major_in=True, parallel_for=parallel_for)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eamamba_ref.kernels.cpu.norms import layer_norm_tile
 from eamamba_ref.reference.layers import conv_arguments, im2col_patches, matmul as reference_matmul
 
 GEMM_BLOCK_PIXELS = 1024      # output pixels per GEMM block (and per im2col block) of a large map
@@ -33,10 +34,24 @@ def _cuts(n, size):
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def serial_for(fn, n_tasks):
+    """fn(0), ..., fn(n_tasks - 1) on the calling thread: `parallel_for` where none is given."""
+    for i in range(n_tasks):
+        fn(i)
+
+
+def _blocks(n, other):
+    """The (pixels, other) slices of the blocks of a product with n output pixels and `other`
+    outputs per pixel: `block_pixels(n)` pixels each, and a product with too few pixels for
+    MIN_BLOCKS blocks also cut along `other` (in slices of at least MIN_BLOCK_PIXELS)."""
+    pixel_cuts = _cuts(n, block_pixels(n))
+    parts = max(1, min(-(-MIN_BLOCKS // len(pixel_cuts)), other // MIN_BLOCK_PIXELS))
+    other_cuts = _cuts(other, -(-other // parts))
+    return [(p, o) for p in pixel_cuts for o in other_cuts]
+
+
 def matmul(a, b, pixels="columns", *, parallel_for):
-    """`reference.layers.matmul` in blocks of `block_pixels` output pixels on `parallel_for`; a
-    product with too few pixels for MIN_BLOCKS blocks is also cut along the weight's other axis
-    (in slices of at least MIN_BLOCK_PIXELS rows or columns).
+    """`reference.layers.matmul` in the blocks of `_blocks` on `parallel_for`.
 
     pixels: 'columns' when the pixels are the last axis of b and of the result (``W @ X``, X
     ``(..., K, P)`` -> ``(..., M, P)``); 'rows' when they are the second-last axis of a and of the
@@ -52,10 +67,7 @@ def matmul(a, b, pixels="columns", *, parallel_for):
     out = np.empty(batch + (a.shape[-2], b.shape[-1]), np.float32)
     columns = pixels == "columns"
     n, other = (out.shape[-1], out.shape[-2]) if columns else (out.shape[-2], out.shape[-1])
-    pixel_cuts = _cuts(n, block_pixels(n))
-    parts = max(1, min(-(-MIN_BLOCKS // len(pixel_cuts)), other // MIN_BLOCK_PIXELS))
-    other_cuts = _cuts(other, -(-other // parts))
-    tasks = [(p, o) for p in pixel_cuts for o in other_cuts]
+    tasks = _blocks(n, other)
 
     def block(i):
         p, o = tasks[i]
@@ -63,6 +75,61 @@ def matmul(a, b, pixels="columns", *, parallel_for):
             np.matmul(a[..., o, :], b[..., p], out=out[..., o, p])
         else:           # X[p] @ W[:, o]
             np.matmul(a[..., p, :], b[..., o], out=out[..., p, o])
+
+    parallel_for(block, len(tasks))
+    return out
+
+
+def project(weight, x, *, norm=None, bias=None, residual=None, pixel_major_in=False,
+            pixel_major_out=False, parallel_for=serial_for):
+    """A 1x1 projection of every pixel with what comes before and after it done per block, while
+    the block is in cache: ``out[b, :, p] = weight @ LN(x[b, :, p]) + bias + residual[b, :, p]``.
+
+    x: `(B, K, L)` channel-first, or `(B, L, K)` pixel-major (pixel_major_in); weight `(M, K)`;
+    norm: None, or (weight, bias or None, eps) of the blocks' LayerNorm over x's K channels
+    (`norms.layer_norm_tile`; channel-first x only); bias `(M,)` or None; residual `(B, M, L)`
+    or None (channel-first output only). Returns `(B, M, L)`, or `(B, L, M)` (pixel_major_out).
+
+    The blocks are those of `matmul`, per image; each is the same BLAS call on the same values as
+    in `matmul` and the LayerNorm of a pixel does not depend on its tile, so this gives the bits
+    of `layer_norm_channels`, then `matmul`, then the adds, without their passes over memory.
+    """
+    B = x.shape[0]
+    L, K = (x.shape[1], x.shape[2]) if pixel_major_in else (x.shape[2], x.shape[1])
+    M = weight.shape[0]
+    if residual is not None and pixel_major_out:
+        raise ValueError("project: a residual needs a channel-first output")
+    if norm is not None:
+        if pixel_major_in:
+            raise ValueError("project: a LayerNorm needs a channel-first x")
+        x = np.ascontiguousarray(x, dtype=np.float32)      # layer_norm_tile reads x[b] as (K, L)
+        nw, nb, eps = norm
+        nw = np.ascontiguousarray(nw, dtype=np.float32)
+        nb, with_bias = (nw, False) if nb is None else (np.ascontiguousarray(nb, dtype=np.float32), True)
+    out = np.empty((B, L, M) if pixel_major_out else (B, M, L), np.float32)
+    tasks = [(b, p, o) for b in range(B) for p, o in _blocks(L, M)]
+
+    def block(i):
+        b, p, o = tasks[i]
+        if pixel_major_in:
+            src = x[b, p].T                                   # (K, n) view
+        elif norm is None:
+            src = x[b, :, p]
+        else:
+            src = np.empty((K, p.stop - p.start), np.float32)
+            layer_norm_tile(x[b], p.start, p.stop, nw, nb, np.float32(eps), with_bias, src, 0)
+        if pixel_major_out:
+            dst = out[b, p, o]
+            np.matmul(src.T, weight[o].T, out=dst)
+            if bias is not None:
+                dst += bias[o]
+        else:
+            dst = out[b, o, p]
+            np.matmul(weight[o], src, out=dst)
+            if bias is not None:
+                dst += bias[o, None]
+            if residual is not None:
+                dst += residual[b, o, p]
 
     parallel_for(block, len(tasks))
     return out
