@@ -141,3 +141,42 @@ def test_project_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="residual"):
         gemm.project(np.zeros((2, 4), np.float32), x, residual=np.zeros((1, 8, 2), np.float32),
                      pixel_major_out=True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 2), L=st.integers(1, 1500), d=st.integers(1, 40), gated=st.booleans(),
+       residual=st.booleans(), seed=st.integers(0, 2**16))
+def test_gate_fused_into_out_proj_gives_the_bits_of_the_two_steps(B, L, d, gated, residual, seed):
+    """LayerNorm * SiLU(z) done by out_proj's blocks (`prepare`) = the gate kernel, then out_proj."""
+    from eamamba_ref.kernels.cpu import fused
+    rng = np.random.default_rng(seed)
+    C = 7
+    y = (rng.standard_normal((B, L, d)) + 2).astype(np.float32)
+    z = rng.standard_normal((B, L, d)).astype(np.float32) if gated else None
+    res = rng.standard_normal((B, C, L)).astype(np.float32) if residual else None
+    p = {"out_norm.weight": rng.standard_normal(d).astype(np.float32),
+         "out_norm.bias": rng.standard_normal(d).astype(np.float32),
+         "out_proj.weight": rng.standard_normal((C, d)).astype(np.float32)}
+    got = fused._gate_and_project_out(p, y.copy(), z, res, threads.parallel_for)
+    gated_y = fused.layer_norm_gate(y.copy(), z, p["out_norm.weight"], p["out_norm.bias"])
+    want = gemm.project(p["out_proj.weight"], gated_y, residual=res, pixel_major_in=True,
+                        parallel_for=threads.parallel_for)
+    assert np.array_equal(got, want)
+
+
+def test_project_prepares_each_block_once_before_its_gemm():
+    """`prepare` runs once per block of pixels (no cut along M then), before that block's GEMM."""
+    rng = np.random.default_rng(5)
+    B, L, K, M = 2, 1100, 6, 300                     # M large enough that `matmul` would cut it
+    x = rng.standard_normal((B, L, K)).astype(np.float32)
+    w = rng.standard_normal((M, K)).astype(np.float32)
+    seen = np.zeros((B, L), int)
+    work = x.copy()
+
+    def double(b, l0, l1):
+        seen[b, l0:l1] += 1
+        work[b, l0:l1] *= 2
+    got = gemm.project(w, work, pixel_major_in=True, prepare=double, parallel_for=threads.parallel_for)
+    assert (seen == 1).all()
+    want = gemm.project(w, 2 * x, pixel_major_in=True, parallel_for=threads.parallel_for)
+    assert np.array_equal(got, want)

@@ -43,12 +43,13 @@ from eamamba_ref.kernels.cpu.scan import (BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS
                                           recurrence)
 from eamamba_ref.kernels.cpu.fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
 from eamamba_ref.kernels.cpu.fpenv import flush_denormals, restore_fpenv
-from eamamba_ref.kernels.cpu.gemm import project, serial_for
+from eamamba_ref.kernels.cpu.gemm import MIN_BLOCK_PIXELS, MIN_BLOCKS, project, serial_for
 from eamamba_ref.kernels.cpu.prefetch import prefetch, prefetch_write
-from eamamba_ref.reference.hooks import Part, traced
+from eamamba_ref.reference.hooks import Part, is_recording, traced
 
 f32 = np.float32
 LOG2E = f32(1.4426950408889634)
+GATE_ROWS = 64       # pixels per task of the LayerNorm * gate kernel
 PREFETCH_STEPS = 32  # how many steps ahead the gather asks for a pixel's rows (16-32 measured best)
 
 __all__ = ["mhssm", "fusable", "dwconv_silu_pixel_major", "directional_scan", "layer_norm_gate",
@@ -339,17 +340,26 @@ def _layer_norm_gate_row(v, g, weight, bias, eps, has_z):
             v[c] = (v[c] - mean) * rstd * weight[c] + bias[c]
 
 
+@njit(fastmath=FASTMATH_REASSOC, error_model="numpy", nogil=True, cache=True)
+def layer_norm_gate_rows(y, z, l0, l1, weight, bias, eps, has_z):
+    """In place: y[l] = LayerNorm(y[l]) * silu(z[l]) for the pixels l0..l1 of one image, y and z
+    `(L, d)` (z ignored without the gate). Releases the GIL: out_proj's blocks run it on the
+    runtime's pool right before their GEMM (`_gate_and_project_out`)."""
+    for l in range(l0, l1):
+        _layer_norm_gate_row(y[l], z[l] if has_z else z[0], weight, bias, eps, has_z)
+
+
 @njit(parallel=True, fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
 def _layer_norm_gate_kernel(y, z, weight, bias, eps, has_z):
-    """In place: y[b, l] = LayerNorm(y[b, l]) * silu(z[b, l]) over the last axis (two-pass variance)."""
+    """In place: y[b, l] = LayerNorm(y[b, l]) * silu(z[b, l]) over the last axis (two-pass
+    variance), in tasks of GATE_ROWS pixels of one image."""
     batch, length, d = y.shape
-    rows = batch * length
-    block = 64
-    for task in prange((rows + block - 1) // block):
-        for r in range(task * block, min(rows, (task + 1) * block)):
-            b = r // length
-            l = r % length
-            _layer_norm_gate_row(y[b, l], z[b, l] if has_z else z[0, 0], weight, bias, eps, has_z)
+    per_image = (length + GATE_ROWS - 1) // GATE_ROWS
+    for task in prange(batch * per_image):
+        b = task // per_image
+        l0 = (task % per_image) * GATE_ROWS
+        layer_norm_gate_rows(y[b], z[b] if has_z else z[0], l0, min(length, l0 + GATE_ROWS), weight, bias,
+                             eps, has_z)
 
 
 def _run_layer_norm_gate(y, z, weight, bias, eps):
@@ -437,8 +447,26 @@ def mhssm_core(p, x, size, cfg, ops, parallel_for=serial_for, norm=None, residua
     z = None if cfg.disable_z_branch else _project_z(w_in, b_in, x, d, norm, parallel_for)  # (B, L, d)
 
     # 7. LayerNorm * SiLU(z) in place, then out_proj back to channel-first (W_out y^T)
-    y = layer_norm_gate(y, z, p["out_norm.weight"], p["out_norm.bias"], eps=1e-5)
-    return _project_out(p, y, x if residual else None, parallel_for)     # (B, C, L)
+    return _gate_and_project_out(p, y, z, x if residual else None, parallel_for)     # (B, C, L)
+
+
+def _gate_and_project_out(p, y, z, residual, parallel_for):
+    """`layer_norm_gate` then `_project_out` (+ residual): y `(B, L, d)`, z `(B, L, d)` or None ->
+    `(B, C, L)`. Each block of out_proj normalises and gates its own pixels right before its GEMM,
+    while they are in cache: one pass over y and z fewer, the same bits (the same row function).
+    While a trace records, and on maps too small to give every thread a block (a choice made
+    from the shapes alone), the two steps run one after the other."""
+    weight, bias = p["out_norm.weight"], p["out_norm.bias"]
+    B, L, d = y.shape
+    if is_recording() or L < MIN_BLOCKS * MIN_BLOCK_PIXELS:
+        y = layer_norm_gate(y, z, weight, bias, eps=1e-5)
+        return _project_out(p, y, residual, parallel_for)
+    weight, bias = np.ascontiguousarray(weight, f32), np.ascontiguousarray(bias, f32)
+    zz = np.zeros((B, 1, 1), f32) if z is None else z
+
+    def gate(b, l0, l1):
+        layer_norm_gate_rows(y[b], zz[b], l0, l1, weight, bias, f32(1e-5), z is not None)
+    return _project_out(p, y, residual, parallel_for, prepare=gate)
 
 
 def _in_proj_part(xs, where, a):
@@ -461,8 +489,8 @@ def _project_z(w_in, b_in, x, d, norm, parallel_for):
 
 
 @traced("out_proj")
-def _project_out(p, y, residual, parallel_for):
+def _project_out(p, y, residual, parallel_for, prepare=None):
     """out_proj on pixel-major `y (B, L, d)` -> channel-first `(B, C, L)` (W_out y^T), plus
-    `residual (B, C, L)` if given."""
+    `residual (B, C, L)` if given; prepare: see `gemm.project`."""
     return project(p["out_proj.weight"], y, bias=p.get("out_proj.bias"), residual=residual,
-                   pixel_major_in=True, parallel_for=parallel_for)
+                   pixel_major_in=True, prepare=prepare, parallel_for=parallel_for)

@@ -81,14 +81,17 @@ def matmul(a, b, pixels="columns", *, parallel_for):
 
 
 def project(weight, x, *, norm=None, bias=None, residual=None, pixel_major_in=False,
-            pixel_major_out=False, parallel_for=serial_for):
+            pixel_major_out=False, prepare=None, parallel_for=serial_for):
     """A 1x1 projection of every pixel with what comes before and after it done per block, while
     the block is in cache: ``out[b, :, p] = weight @ LN(x[b, :, p]) + bias + residual[b, :, p]``.
 
     x: `(B, K, L)` channel-first, or `(B, L, K)` pixel-major (pixel_major_in); weight `(M, K)`;
     norm: None, or (weight, bias or None, eps) of the blocks' LayerNorm over x's K channels
     (`norms.layer_norm_tile`; channel-first x only); bias `(M,)` or None; residual `(B, M, L)`
-    or None (channel-first output only). Returns `(B, M, L)`, or `(B, L, M)` (pixel_major_out).
+    or None (channel-first output only); prepare: None, or a function `(b, l0, l1)` run on each
+    block of pixels right before its GEMM, e.g. to rewrite that block of x in place (the blocks
+    are then cut along the pixels only, so that it runs once per pixel).
+    Returns `(B, M, L)`, or `(B, L, M)` (pixel_major_out).
 
     The blocks are those of `matmul`, per image; each is the same BLAS call on the same values as
     in `matmul` and the LayerNorm of a pixel does not depend on its tile, so this gives the bits
@@ -107,10 +110,13 @@ def project(weight, x, *, norm=None, bias=None, residual=None, pixel_major_in=Fa
         nw = np.ascontiguousarray(nw, dtype=np.float32)
         nb, with_bias = (nw, False) if nb is None else (np.ascontiguousarray(nb, dtype=np.float32), True)
     out = np.empty((B, L, M) if pixel_major_out else (B, M, L), np.float32)
-    tasks = [(b, p, o) for b in range(B) for p, o in _blocks(L, M)]
+    cuts = _blocks(L, M) if prepare is None else [(p, slice(None)) for p in _cuts(L, block_pixels(L))]
+    tasks = [(b, p, o) for b in range(B) for p, o in cuts]
 
     def block(i):
         b, p, o = tasks[i]
+        if prepare is not None:
+            prepare(b, p.start, p.stop)
         if pixel_major_in:
             src = x[b, p].T                                   # (K, n) view
         elif norm is None:
