@@ -18,6 +18,7 @@ together with the backend's `matmul` for in_proj, x_proj and out_proj:
     dwconv_silu_pixel_major   depthwise k x k conv + bias + SiLU, (B, d, H, W) -> (B, L, d)
     directional_scan          dt_proj + delta_bias + softplus + scan + D skip, gather/scatter fused
     layer_norm_gate           LayerNorm over channels * SiLU(z), in place on (B, L, d)
+                              (`layer_norm_gate_rows` on a block of pixels: out_proj's blocks run it)
 
 A trace records the plain composition's stage names from these functions' boundaries
 (`reference.hooks`), without changing what runs: the kernels' inputs and outputs, transposed or put in scan
@@ -52,8 +53,8 @@ LOG2E = f32(1.4426950408889634)
 GATE_ROWS = 64       # pixels per task of the LayerNorm * gate kernel
 PREFETCH_STEPS = 32  # how many steps ahead the gather asks for a pixel's rows (16-32 measured best)
 
-__all__ = ["mhssm", "fusable", "dwconv_silu_pixel_major", "directional_scan", "layer_norm_gate",
-           "channels_per_task"]
+__all__ = ["mhssm", "mhssm_core", "fusable", "dwconv_silu_pixel_major", "directional_scan",
+           "layer_norm_gate", "layer_norm_gate_rows", "channels_per_task"]
 
 
 def channels_per_task(batch, heads, channels_per_head, threads=None):
@@ -417,8 +418,9 @@ def mhssm_core(p, x, size, cfg, ops, parallel_for=serial_for, norm=None, residua
     Steps 2-6 of the plain composition run pixel-major `(B, L, d)`: the depthwise conv writes its
     output transposed, x_proj runs on the row-major map (it commutes with the reordering), one
     kernel does dt_proj, softplus, the K directional scans and the D skip while reading and writing
-    through the directions' index tables, and LayerNorm * SiLU(z) is one more pass. No
-    `(B, K, C', L)` copy is made. x: `(B, C, L)` of an (H, W) map -> `(B, C, L)`;
+    through the directions' index tables, and LayerNorm * SiLU(z) is done by out_proj's blocks
+    right before their GEMM. No `(B, K, C', L)` copy is made. x: `(B, C, L)` of an (H, W) map ->
+    `(B, C, L)`;
     norm: None or (weight, bias or None, eps); residual: whether x is added to the output.
     """
     B, C, L = x.shape
