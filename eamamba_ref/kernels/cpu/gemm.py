@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eamamba_ref.kernels.cpu.norms import layer_norm_tile
+from eamamba_ref.kernels.cpu.norms import normalised_tile, tile_arguments
 from eamamba_ref.reference.layers import conv_arguments, im2col_patches, matmul as reference_matmul
 
 GEMM_BLOCK_PIXELS = 1024      # output pixels per GEMM block (and per im2col block) of a large map
@@ -34,6 +34,11 @@ def _cuts(n, size):
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def pixel_blocks(n):
+    """[0, n) as the slices of `block_pixels(n)` pixels of a map of n pixels (the last shorter)."""
+    return _cuts(n, block_pixels(n))
+
+
 def serial_for(fn, n_tasks):
     """fn(0), ..., fn(n_tasks - 1) on the calling thread: `parallel_for` where none is given."""
     for i in range(n_tasks):
@@ -44,7 +49,7 @@ def _blocks(n, other):
     """The (pixels, other) slices of the blocks of a product with n output pixels and `other`
     outputs per pixel: `block_pixels(n)` pixels each, and a product with too few pixels for
     MIN_BLOCKS blocks also cut along `other` (in slices of at least MIN_BLOCK_PIXELS)."""
-    pixel_cuts = _cuts(n, block_pixels(n))
+    pixel_cuts = pixel_blocks(n)
     parts = max(1, min(-(-MIN_BLOCKS // len(pixel_cuts)), other // MIN_BLOCK_PIXELS))
     other_cuts = _cuts(other, -(-other // parts))
     return [(p, o) for p in pixel_cuts for o in other_cuts]
@@ -87,7 +92,7 @@ def project(weight, x, *, norm=None, bias=None, residual=None, pixel_major_in=Fa
 
     x: `(B, K, L)` channel-first, or `(B, L, K)` pixel-major (pixel_major_in); weight `(M, K)`;
     norm: None, or (weight, bias or None, eps) of the blocks' LayerNorm over x's K channels
-    (`norms.layer_norm_tile`; channel-first x only); bias `(M,)` or None; residual `(B, M, L)`
+    (`norms.normalised_tile`; channel-first x only); bias `(M,)` or None; residual `(B, M, L)`
     or None (channel-first output only); prepare: None, or a function `(b, l0, l1)` run on each
     block of pixels right before its GEMM, e.g. to rewrite that block of x in place (the blocks
     are then cut along the pixels only, so that it runs once per pixel).
@@ -105,12 +110,10 @@ def project(weight, x, *, norm=None, bias=None, residual=None, pixel_major_in=Fa
     if norm is not None:
         if pixel_major_in:
             raise ValueError("project: a LayerNorm needs a channel-first x")
-        x = np.ascontiguousarray(x, dtype=np.float32)      # layer_norm_tile reads x[b] as (K, L)
-        nw, nb, eps = norm
-        nw = np.ascontiguousarray(nw, dtype=np.float32)
-        nb, with_bias = (nw, False) if nb is None else (np.ascontiguousarray(nb, dtype=np.float32), True)
+        x = np.ascontiguousarray(x, dtype=np.float32)      # normalised_tile reads x[b] as (K, L)
+        norm = tile_arguments(*norm)
     out = np.empty((B, L, M) if pixel_major_out else (B, M, L), np.float32)
-    cuts = _blocks(L, M) if prepare is None else [(p, slice(None)) for p in _cuts(L, block_pixels(L))]
+    cuts = _blocks(L, M) if prepare is None else [(p, slice(None)) for p in pixel_blocks(L)]
     tasks = [(b, p, o) for b in range(B) for p, o in cuts]
 
     def block(i):
@@ -122,8 +125,7 @@ def project(weight, x, *, norm=None, bias=None, residual=None, pixel_major_in=Fa
         elif norm is None:
             src = x[b, :, p]
         else:
-            src = np.empty((K, p.stop - p.start), np.float32)
-            layer_norm_tile(x[b], p.start, p.stop, nw, nb, np.float32(eps), with_bias, src, 0)
+            src = normalised_tile(x[b], p.start, p.stop, norm)
         if pixel_major_out:
             dst = out[b, p, o]
             np.matmul(src.T, weight[o].T, out=dst)

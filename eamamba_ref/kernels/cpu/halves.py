@@ -13,7 +13,7 @@ the residual is added to each block as it is written. Measured on (1, 64, 128, 1
 half 10.3 -> 6.0 ms, same bits.
 
 The bits are those of the plain composition on the same backend (every pixel's LayerNorm is the
-same arithmetic whatever its tile, every block the same BLAS call): tests/test_cpu_kernels.py
+same arithmetic whatever its tile, every block the same BLAS call): tests/test_halves.py
 checks it bit for bit. While a trace records, the plain composition runs instead, so that every
 official stage is recorded (`reference.hooks`); its values are the bits the fused halves compute.
 """
@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from eamamba_ref.kernels.cpu.fused import fusable, mhssm_core
-from eamamba_ref.kernels.cpu.gemm import MIN_BLOCK_PIXELS, MIN_BLOCKS, block_pixels, serial_for
-from eamamba_ref.kernels.cpu.norms import layer_norm_tile
+from eamamba_ref.kernels.cpu.gemm import MIN_BLOCK_PIXELS, MIN_BLOCKS, pixel_blocks, serial_for
+from eamamba_ref.kernels.cpu.norms import normalised_tile, tile_arguments
 from eamamba_ref.reference.hooks import is_recording
 from eamamba_ref.reference.model import block_ffn as reference_block_ffn
 from eamamba_ref.reference.model import block_mhssm as reference_block_mhssm
@@ -67,19 +67,16 @@ def block_ffn(p, x, cfg, ops, *, parallel_for=serial_for):
     x = np.ascontiguousarray(x, dtype=np.float32)
     flat = x.reshape(B, C, L)
     out = np.empty_like(flat)
-    weight, bias, eps = _norm(p, "norm2")
-    weight = np.ascontiguousarray(weight, dtype=np.float32)
-    bias, with_bias = (weight, False) if bias is None else (np.ascontiguousarray(bias, dtype=np.float32), True)
+    norm = tile_arguments(*_norm(p, "norm2"))
     ffn = sub(p, "ffn")
-    n = block_pixels(L)
-    tasks = [(b, p0, min(L, p0 + n)) for b in range(B) for p0 in range(0, L, n)]
+    tasks = [(b, p) for b in range(B) for p in pixel_blocks(L)]
 
     def task(i):
-        b, p0, p1 = tasks[i]
-        tile = np.empty((C, p1 - p0), np.float32)
-        layer_norm_tile(flat[b], p0, p1, weight, bias, np.float32(eps), with_bias, tile, 0)
-        mixed = channel_mixer(ffn, tile.reshape(1, C, 1, p1 - p0), kind, NUMPY)     # (1, C, 1, n)
-        np.add(flat[b, :, p0:p1], mixed.reshape(C, p1 - p0), out=out[b, :, p0:p1])
+        b, p = tasks[i]
+        n = p.stop - p.start
+        tile = normalised_tile(flat[b], p.start, p.stop, norm)                   # (C, n)
+        mixed = channel_mixer(ffn, tile.reshape(1, C, 1, n), kind, NUMPY)         # (1, C, 1, n)
+        np.add(flat[b, :, p], mixed.reshape(C, n), out=out[b, :, p])
 
     parallel_for(task, len(tasks))
     return out.reshape(B, C, H, W)

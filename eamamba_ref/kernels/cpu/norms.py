@@ -82,13 +82,26 @@ def _layer_norm_channels_kernel(x, weight, bias, eps, with_bias, out):
         layer_norm_tile(x[b], p0, min(P, p0 + STRIP), weight, bias, eps, with_bias, out[b], p0)
 
 
+def tile_arguments(weight, bias=None, eps=1e-5):
+    """A LayerNorm's parameters as `layer_norm_tile` takes them: (weight, bias, eps, with_bias),
+    contiguous float32, the weight standing in for a missing bias (BiasFree)."""
+    w = np.ascontiguousarray(weight, dtype=f32)
+    return w, (w if bias is None else np.ascontiguousarray(bias, dtype=f32)), f32(eps), bias is not None
+
+
+def normalised_tile(x, p0, p1, args):
+    """The LayerNorm of pixels p0..p1 of one image `x (C, P)` (C-contiguous), as a new `(C, p1 - p0)`
+    array; args: `tile_arguments`. (A block of a GEMM that reads the normalised map.)"""
+    tile = np.empty((x.shape[0], p1 - p0), f32)
+    layer_norm_tile(x, p0, p1, *args, tile, 0)
+    return tile
+
+
 def layer_norm_channels(x, weight, bias=None, eps=1e-5):
     """`layers.layer_norm_channels` (x `(B, C, H, W)`, weight / bias `(C,)`) on all cores."""
     x = np.ascontiguousarray(x, dtype=f32)
     B, C, H, W = x.shape
     out = np.empty_like(x)
-    w = np.ascontiguousarray(weight, dtype=f32)
-    b = w if bias is None else np.ascontiguousarray(bias, dtype=f32)
-    _layer_norm_channels_kernel(x.reshape(B, C, H * W), w, b, f32(eps), bias is not None,
+    _layer_norm_channels_kernel(x.reshape(B, C, H * W), *tile_arguments(weight, bias, eps),
                                 out.reshape(B, C, H * W))
     return out
