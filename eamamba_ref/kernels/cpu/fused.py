@@ -44,7 +44,7 @@ from eamamba_ref.kernels.cpu.scan import (BLOCK, CHUNK, MAX_TASK_CHANNELS, TASKS
                                           recurrence)
 from eamamba_ref.kernels.cpu.fastexp import FASTMATH, FASTMATH_REASSOC, silu, softplus
 from eamamba_ref.kernels.cpu.fpenv import flush_denormals, restore_fpenv
-from eamamba_ref.kernels.cpu.gemm import MIN_BLOCK_PIXELS, MIN_BLOCKS, project, serial_for
+from eamamba_ref.kernels.cpu.gemm import pixels_suffice, project, serial_for
 from eamamba_ref.kernels.cpu.prefetch import prefetch, prefetch_write
 from eamamba_ref.reference.hooks import Part, is_recording, traced
 
@@ -460,7 +460,7 @@ def _gate_and_project_out(p, y, z, residual, parallel_for):
     from the shapes alone), the two steps run one after the other."""
     weight, bias = p["out_norm.weight"], p["out_norm.bias"]
     B, L, d = y.shape
-    if is_recording() or L < MIN_BLOCKS * MIN_BLOCK_PIXELS:
+    if is_recording() or not pixels_suffice(L):
         y = layer_norm_gate(y, z, weight, bias, eps=1e-5)
         return _project_out(p, y, residual, parallel_for)
     weight, bias = np.ascontiguousarray(weight, f32), np.ascontiguousarray(bias, f32)

@@ -39,6 +39,14 @@ def pixel_blocks(n):
     return _cuts(n, block_pixels(n))
 
 
+def pixels_suffice(n):
+    """Whether a map of n pixels gives every thread work cut along its pixels alone (at least
+    MIN_BLOCKS blocks of MIN_BLOCK_PIXELS). Smaller products are also cut along their channels
+    (`_blocks`), which a block fused with steps before or after its GEMM cannot be: those run
+    their steps one after the other there (a choice made from the shapes alone)."""
+    return n >= MIN_BLOCKS * MIN_BLOCK_PIXELS
+
+
 def serial_for(fn, n_tasks):
     """fn(0), ..., fn(n_tasks - 1) on the calling thread: `parallel_for` where none is given."""
     for i in range(n_tasks):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from eamamba_ref.kernels.cpu.fused import fusable, mhssm_core
-from eamamba_ref.kernels.cpu.gemm import MIN_BLOCK_PIXELS, MIN_BLOCKS, pixel_blocks, serial_for
+from eamamba_ref.kernels.cpu.gemm import pixel_blocks, pixels_suffice, serial_for
 from eamamba_ref.kernels.cpu.norms import normalised_tile, tile_arguments
 from eamamba_ref.reference.hooks import is_recording
 from eamamba_ref.reference.model import block_ffn as reference_block_ffn
@@ -62,7 +62,7 @@ def block_ffn(p, x, cfg, ops, *, parallel_for=serial_for):
     B, C, H, W = x.shape
     L = H * W
     kind = cfg.channel_mixer_type
-    if is_recording() or kind not in PER_PIXEL or L < MIN_BLOCKS * MIN_BLOCK_PIXELS:
+    if is_recording() or kind not in PER_PIXEL or not pixels_suffice(L):
         return reference_block_ffn(p, x, cfg, ops)
     x = np.ascontiguousarray(x, dtype=np.float32)
     flat = x.reshape(B, C, L)

@@ -49,8 +49,8 @@ def layer_norm_tile(x, p0, p1, weight, bias, eps, with_bias, out, o0):
     o0..o0 + p1 - p0 of out `(C, P')`, both C-contiguous (their rows then stay contiguous in
     Numba's types, and the loops vectorise: 2x slower with strided tiles). Two-pass statistics per
     pixel, like `layers.layer_norm`. The parallel kernel below runs it per strip, the fused block
-    halves (`kernels.cpu.blockwise`) per block of pixels of a GEMM: a pixel's result does not
-    depend on the tile it is in. Releases the GIL (it also runs on the runtime's pool)."""
+    halves (`kernels.cpu.halves`, `gemm.project`) per block of pixels of a GEMM: a pixel's result
+    does not depend on the tile it is in. Releases the GIL (it also runs on the runtime's pool)."""
     C = x.shape[0]
     n = p1 - p0
     o1 = o0 + n
