@@ -10,6 +10,9 @@ Rows, for every size (each in a child process of its own, so that its peak resid
   eamamba_ref, NumPy first        NumPy imported (and a BLAS product run) before the package
   eamamba_ref, torch first        torch imported and used before the package (torch loads GNU
                                   OpenMP and its idle-thread policy before Numba starts)
+  eamamba_ref again (control)     a second process of the first row's setting: how far two
+                                  processes that differ in nothing differ on this machine, the
+                                  yardstick for the spread between the host settings (--no-control)
   torch (<scan>)                  the PyTorch reference of the official architecture
                                   (eamamba_ref.pytorch) with the fastest pure-PyTorch CPU scan
                                   found here: each candidate (the reference's chunked scan and an
@@ -19,8 +22,9 @@ Rows, for every size (each in a child process of its own, so that its peak resid
   torch + Numba scan              the same model with the Numba scan of eamamba_ref.pytorch.scan_function
 
 Every child runs one warm-up forward, then `--repeats` timed ones, *interleaved* between the rows
-(the children wait for their turn), so that a machine whose speed drifts over minutes slows all
-alike. Printed are the median wall time, the peak RSS of the child during one more, untimed
+(the children wait for their turn, in an order shuffled every round, seeded by --seed), so that a
+machine whose speed drifts over minutes slows all alike and no row always follows the same one.
+Printed are the median and the best wall time, the peak RSS of the child during one more, untimed
 forward (the kernel's high-water mark, reset before it; nothing else runs in the child while a
 timed forward runs) and its growth over the RSS before it, the time relative to eamamba_ref
 imported first, and the largest difference of the output from it. All rows use the same weights
@@ -31,7 +35,9 @@ thread, and torch.set_flush_denormal sets it for the calling thread only).
 
 Also printed: this machine's FLOP floor for the model (a large float32 GEMM and the model's typical
 1x1-conv GEMM through NumPy's BLAS, and NumPy's float32 exp, measured here and now) with the
-fraction of it reached, and a per-stage profile of one eamamba_ref forward.
+fraction of it reached, a line per size with the spread between the three host settings beside
+the spread between the two identical processes (largest / smallest - 1, of the medians and of the
+best times), and a per-stage profile of one eamamba_ref forward.
 
 The machine may be shared: the load average is printed before and after; compare only ratios
 measured in the same run, on a quiet machine.
@@ -48,7 +54,7 @@ if TREE not in sys.path:
 
 # The child's host setting comes first, before this file imports NumPy (see the docstring).
 _CHILD = sys.argv[sys.argv.index("--child") + 1] if "--child" in sys.argv[:-1] else None
-if _CHILD in ("eamamba_ref", "baseline"):
+if _CHILD in ("eamamba_ref", "eamamba_ref_again", "baseline"):
     import eamamba_ref  # noqa: F401
 elif _CHILD in ("eamamba_ref_torch_first", "torch", "torch_numba", "torch_scan_select"):
     import torch
@@ -56,6 +62,7 @@ elif _CHILD in ("eamamba_ref_torch_first", "torch", "torch_numba", "torch_scan_s
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import random  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -69,6 +76,7 @@ IMPLS = {   # child name -> row label
     "eamamba_ref": "eamamba_ref",
     "eamamba_ref_numpy_first": "eamamba_ref, NumPy first",
     "eamamba_ref_torch_first": "eamamba_ref, torch first",
+    "eamamba_ref_again": "eamamba_ref again (control)",
     "torch": "torch",
     "torch_numba": "torch + Numba scan",
     "unfused": "eamamba_ref unfused",
@@ -438,11 +446,16 @@ def run_interleaved(impls, size, args, tmp):
             return None
         return line
 
+    order = random.Random(args.seed)
     try:
         for impl in list(workers):
             expect(impl, "ready")
         for _ in range(args.repeats):
-            for impl in list(workers):
+            turns = list(workers)
+            order.shuffle(turns)
+            for impl in turns:
+                if impl not in workers:            # failed earlier in this round
+                    continue
                 time.sleep(args.pause)      # the previous row's idle threads (torch's OpenMP spins) settle
                 workers[impl][0].stdin.write("go\n")
                 workers[impl][0].stdin.flush()
@@ -570,6 +583,24 @@ def stage_profile(cfg, params, size):
     return total, totals
 
 
+def spreads(size, res):
+    """One line: how far apart the host settings' times are, beside how far apart two processes
+    of the same setting are (largest / smallest - 1, of the medians and of the best times)."""
+    def spread(impls):
+        rows = [res[i] for i in impls if i in res and "error" not in res[i]]
+        if len(rows) < 2:
+            return None
+        return tuple(max(r[k] for r in rows) / min(r[k] for r in rows) - 1 for k in ("median", "min"))
+
+    settings = spread(["eamamba_ref", "eamamba_ref_numpy_first", "eamamba_ref_torch_first"])
+    control = spread(["eamamba_ref", "eamamba_ref_again"])
+    line = f"{size:>4d}x{size:<4d} spread of the host settings: "
+    line += "-" if settings is None else f"medians {settings[0]:.1%}, best {settings[1]:.1%}"
+    if control is not None:
+        line += f"; of two identical processes (control): medians {control[0]:.1%}, best {control[1]:.1%}"
+    return line
+
+
 # ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -590,6 +621,8 @@ def main(argv=None):
                              "+ numba scan), to show what the fusion gains")
     parser.add_argument("--pause", type=float, default=0.5,
                         help="seconds of quiet before each timed forward (between the rows' turns)")
+    parser.add_argument("--no-control", action="store_true",
+                        help="leave out the control row (a second process of the first row's setting)")
     parser.add_argument("--baseline", default=None, metavar="DIR",
                         help="also time the eamamba_ref of another checkout (e.g. a git worktree of an "
                              "earlier commit), imported first, beside this one: a before/after row")
@@ -628,7 +661,7 @@ def main(argv=None):
           f"{conv_rate:.0f} GFLOP/s, NumPy exp {exp_ns:.2f} ns/element on {args.threads} cores")
     print()
     header = (f"{'size':>9s} {'GFLOP':>7s} {'floor s':>8s} | {'implementation':32s} {'median s':>9s} "
-              f"{'floor %':>7s} {'peak MiB':>8s} {'+MiB':>6s} {'/ ours':>7s} {'max |diff|':>10s}")
+              f"{'best s':>7s} {'floor %':>7s} {'peak MiB':>8s} {'+MiB':>6s} {'/ ours':>7s} {'max |diff|':>10s}")
     print(header)
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -637,6 +670,7 @@ def main(argv=None):
             floor, _, _ = floor_seconds(prof, conv_rate, exp_ns)
             impls = ["eamamba_ref", "eamamba_ref_numpy_first"]
             impls += ["eamamba_ref_torch_first"] if torch_installed else []
+            impls += [] if args.no_control else ["eamamba_ref_again"]
             impls += ["torch", "torch_numba"] if have_torch and size <= args.torch_max_size else []
             impls += ["unfused"] if args.unfused else []
             impls += ["baseline"] if args.baseline else []
@@ -650,7 +684,7 @@ def main(argv=None):
                 if "error" in r:
                     print(row + f"failed: {r['error']}", flush=True)
                     continue
-                row += (f"{r['median']:9.2f} {100 * floor / r['median']:6.0f}% {r['peak_mib']:8.0f} "
+                row += (f"{r['median']:9.2f} {r['min']:7.2f} {100 * floor / r['median']:6.0f}% {r['peak_mib']:8.0f} "
                         f"{r['growth_mib']:6.0f} ")
                 if reference is not None:
                     diff = np.max(np.abs(np.load(os.path.join(tmp, f"{impl}{size}.npy")) - reference))
@@ -663,6 +697,7 @@ def main(argv=None):
                     notes.append(f"{size}x{size} {IMPLS[impl]}: denormals NOT flushed on all threads")
                 if "numba_layer" in r:
                     notes.append(f"{size}x{size} {IMPLS[impl]}: Numba threading layer {r['numba_layer']}")
+            print(spreads(size, res), flush=True)
     for note in notes:
         print("  " + note)
     print(load_average())

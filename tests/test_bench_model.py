@@ -60,3 +60,33 @@ def test_peak_memory_is_the_peak_inside_the_block():
     assert done.returncode == 0, done.stderr[-2000:]
     growth = float(done.stdout.split()[0])
     assert 150 < growth < 350, done.stdout
+
+
+def _bench_model():
+    """The benchmark module, imported in this process (its top level imports nothing heavy when it
+    is not a child)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spread_line_compares_host_settings_with_identical_processes():
+    """Hand-worked: settings 1.00 / 1.10 / 1.05 s (medians) -> 10.0 %; best 0.90 / 0.99 / 0.95 -> 10.0 %;
+    the control process 1.02 / 0.90 s against the first row's 1.00 / 0.90 s -> 2.0 % / 0.0 %.
+    A failed row is left out, and without a control the line says nothing about one."""
+    res = {"eamamba_ref": {"median": 1.00, "min": 0.90},
+           "eamamba_ref_numpy_first": {"median": 1.10, "min": 0.99},
+           "eamamba_ref_torch_first": {"median": 1.05, "min": 0.95},
+           "eamamba_ref_again": {"median": 1.02, "min": 0.90},
+           "torch": {"median": 9.0, "min": 8.0}}
+    spreads = _bench_model().spreads
+    line = spreads(128, res)
+    assert "host settings: medians 10.0%, best 10.0%" in line
+    assert "(control): medians 2.0%, best 0.0%" in line
+    res["eamamba_ref_numpy_first"] = {"error": "killed"}
+    del res["eamamba_ref_again"]
+    line = spreads(128, res)
+    assert "host settings: medians 5.0%, best 5.6%" in line
+    assert "control" not in line
