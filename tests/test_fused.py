@@ -79,12 +79,15 @@ def test_numba_backend_runs_the_fused_kernels_only_where_they_apply(monkeypatch)
 
 def test_dwconv_silu_pixel_major_matches_layers():
     rng = np.random.default_rng(1)
-    for k, (H, W) in [(3, (9, 7)), (5, (4, 11)), (1, (2, 2)), (3, (1, 1))]:
+    # rows wider than DWCONV_PIXELS are cut into several tasks: the taps at the cuts must still see
+    # their neighbours (70 = 32 + 32 + 6; 33 = 32 + 1)
+    assert fused.DWCONV_PIXELS < 33
+    for k, (H, W) in [(3, (9, 7)), (5, (4, 11)), (1, (2, 2)), (3, (1, 1)), (3, (5, 70)), (5, (3, 33))]:
         x = rng.standard_normal((2, 6, H, W)).astype(np.float32)
         w = rng.standard_normal((6, 1, k, k)).astype(np.float32)
         b = rng.standard_normal(6).astype(np.float32)
         ref = layers.silu(layers.conv2d(x, w, b, padding=(k - 1) // 2, groups=6))
-        got = fused.dwconv_silu_pixel_major(x, w, b)
+        got = fused.dwconv_silu_pixel_major(x.transpose(0, 2, 3, 1), w, b)
         assert got.shape == (2, H * W, 6)
         np.testing.assert_allclose(got, ref.reshape(2, 6, H * W).transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
 

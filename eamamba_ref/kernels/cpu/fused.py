@@ -15,7 +15,7 @@ five passes over memory that only move data. Two observations remove all of them
 Kernels (all float32, all parallel over `prange` tasks), and `mhssm` which strings them
 together with the backend's `matmul` for in_proj, x_proj and out_proj:
 
-    dwconv_silu_pixel_major   depthwise k x k conv + bias + SiLU, (B, d, H, W) -> (B, L, d)
+    dwconv_silu_pixel_major   depthwise k x k conv + bias + SiLU, (B, H, W, d) -> (B, L, d)
     directional_scan          dt_proj + delta_bias + softplus + scan + D skip, gather/scatter fused
     layer_norm_gate           LayerNorm over channels * SiLU(z), in place on (B, L, d)
                               (`layer_norm_gate_rows` on a block of pixels: out_proj's blocks run it)
@@ -50,6 +50,7 @@ from eamamba_ref.reference.hooks import Part, is_recording, traced
 f32 = np.float32
 LOG2E = f32(1.4426950408889634)
 GATE_ROWS = 64       # pixels per task of the LayerNorm * gate kernel
+DWCONV_PIXELS = 32   # pixels per task of the depthwise conv (32 x d floats stay in L1 over its taps)
 PREFETCH_STEPS = 32  # how many steps ahead the gather asks for a pixel's rows (16-32 measured best)
 # Channels of one head per scan task, at most. Twice `cpu.scan`'s limit: here a step's gather
 # (the pixel's dt/B/C row, its prefetches) serves every channel of the task, and at full
@@ -74,60 +75,71 @@ def channels_per_task(batch, heads, channels_per_head, threads=None):
 # Loops written inline in a prange body are not vectorised by LLVM here (measured 3-6x slower);
 # the same loops in small functions of their own are. Hence the helpers.
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _axpy(acc, a, src):
-    """acc += a * src (1-D, same length)."""
-    for j in range(src.size):
-        acc[j] += a * src[j]
-
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _bias_silu(row, bias):
-    """row = silu(row + bias), in place."""
-    for j in range(row.size):
-        row[j] = silu(row[j] + bias)
-
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _transpose_into(dst, src):
-    """dst[j, c] = src[c, j]: one conv output row (channels, W) written pixel-major (W, channels)."""
-    for j in range(dst.shape[0]):
-        row = dst[j]
+def _zero_rows(acc):
+    """acc = 0 (2-D)."""
+    for j in range(acc.shape[0]):
+        row = acc[j]
         for c in range(row.size):
-            row[c] = src[c, j]
+            row[c] = f32(0.0)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _tap_rows(acc, w, src):
+    """acc[j, c] += w[c] * src[j, c]: one tap of the depthwise conv on a run of pixels, (n, d)."""
+    for j in range(acc.shape[0]):
+        row = acc[j]
+        pixel = src[j]
+        for c in range(row.size):
+            row[c] += w[c] * pixel[c]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _bias_silu_rows(acc, bias):
+    """acc[j, c] = silu(acc[j, c] + bias[c]), in place (2-D)."""
+    for j in range(acc.shape[0]):
+        row = acc[j]
+        for c in range(row.size):
+            row[c] = silu(row[c] + bias[c])
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def _dwconv_silu_kernel(x, w, bias, out):
-    """out[b, i*W + j, c] = silu(bias[c] + sum_{di, dj} w[c, di, dj] x[b, c, i+di-p, j+dj-p]).
+    """out[b, i, j, c] = silu(bias[c] + sum_{di, dj} w[di, dj, c] x[b, i+di-p, j+dj-p, c]).
 
-    x (B, d, H, W); w (d, k, k), k odd; bias (d,); out (B, H*W, d). One task = one output row of
-    one batch item: it convolves every channel into a (d, W + 2p) tile (tap dj of the kernel
-    adds the whole input row at offset 2p - dj, so the row borders need no special case), then
-    writes the tile transposed: both the reads and the writes are contiguous.
+    x, out (B, H, W, d) pixel-major; w (k, k, d), k odd; bias (d,). One task = DWCONV_PIXELS
+    pixels of one output row: they are zeroed, then every tap that lands inside the map adds its
+    run of input pixels (taps in the order di, dj, as the reference sums them), then bias and
+    SiLU. Every loop runs along the channels of a pixel, contiguous in both x and out, and the
+    task's pixels stay in L1 across the k*k taps.
     """
-    batch, d, H, W = x.shape
-    k = w.shape[1]
+    batch, H, W, d = x.shape
+    k = w.shape[0]
     pad = (k - 1) // 2
-    for task in prange(batch * H):
-        b = task // H
-        i = task % H
-        tile = np.zeros((d, W + 2 * pad), dtype=f32)
-        for c in range(d):
-            acc = tile[c]
-            for di in range(k):
-                src_i = i + di - pad
-                if 0 <= src_i < H:                      # rows outside are the zero padding
-                    for dj in range(k):
-                        _axpy(acc[2 * pad - dj:2 * pad - dj + W], w[c, di, dj], x[b, c, src_i])
-            _bias_silu(acc[pad:pad + W], bias[c])
-        _transpose_into(out[b, i * W:(i + 1) * W], tile[:, pad:pad + W])
+    per_row = (W + DWCONV_PIXELS - 1) // DWCONV_PIXELS
+    for task in prange(batch * H * per_row):
+        b = task // (H * per_row)
+        i = (task // per_row) % H
+        c0 = (task % per_row) * DWCONV_PIXELS
+        c1 = min(W, c0 + DWCONV_PIXELS)
+        acc = out[b, i, c0:c1]
+        _zero_rows(acc)
+        for di in range(k):
+            src_i = i + di - pad
+            if 0 <= src_i < H:                          # rows outside are the zero padding
+                for dj in range(k):
+                    j0 = max(c0, pad - dj)              # output columns whose input column
+                    j1 = min(c1, W + pad - dj)          # j + dj - pad is inside the map
+                    if j0 < j1:
+                        _tap_rows(acc[j0 - c0:j1 - c0], w[di, dj], x[b, src_i, j0 + dj - pad:j1 + dj - pad])
+        _bias_silu_rows(acc, bias)
 
 
 def _conv_before_silu(a):
     """Trace hook: the depthwise conv alone, `(B, d, H, W)` (the kernel adds the SiLU before
     anything is stored, so the trace recomputes it from the kernel's inputs)."""
     k = a["weight"].shape[-1]
-    return {"conv": conv2d(a["x"], a["weight"], a["bias"], padding=(k - 1) // 2, groups=a["x"].shape[1])}
+    x = a["x"].transpose(0, 3, 1, 2)
+    return {"conv": conv2d(x, a["weight"], a["bias"], padding=(k - 1) // 2, groups=x.shape[1])}
 
 
 def _channel_first(y):
@@ -137,17 +149,17 @@ def _channel_first(y):
 
 @traced("act", before=_conv_before_silu, view=_channel_first)
 def dwconv_silu_pixel_major(x, weight, bias):
-    """SiLU(depthwise conv(x)) with 'same' zero padding, transposed to pixel-major.
+    """SiLU(depthwise conv(x)) with 'same' zero padding, on a pixel-major map.
 
-    x: `(B, d, H, W)` float32; weight: `(d, 1, k, k)`, k odd; bias: `(d,)` or None.
+    x: `(B, H, W, d)` float32; weight: `(d, 1, k, k)`, k odd; bias: `(d,)` or None.
     Returns `(B, H*W, d)` float32.
     """
-    B, d, H, W = x.shape
-    w = np.ascontiguousarray(weight.reshape(d, weight.shape[-2], weight.shape[-1]), dtype=f32)
+    B, H, W, d = x.shape
+    w = np.ascontiguousarray(weight.reshape(d, weight.shape[-2], weight.shape[-1]).transpose(1, 2, 0), dtype=f32)
     b = np.zeros(d, f32) if bias is None else np.ascontiguousarray(bias, dtype=f32)
-    out = np.empty((B, H * W, d), dtype=f32)
+    out = np.empty((B, H, W, d), dtype=f32)
     _dwconv_silu_kernel(np.ascontiguousarray(x, dtype=f32), w, b, out)
-    return out
+    return out.reshape(B, H * W, d)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,8 +433,8 @@ def mhssm_core(p, x, size, cfg, ops, parallel_for=serial_for, norm=None, residua
     `x + MHSSM(LN(x))` (the projections then normalise and add per block of pixels,
     `gemm.project`, and neither the normalised map nor the MHSSM's output is ever stored).
 
-    Steps 2-6 of the plain composition run pixel-major `(B, L, d)`: the depthwise conv writes its
-    output transposed, x_proj runs on the row-major map (it commutes with the reordering), one
+    Steps 1-6 of the plain composition run pixel-major `(B, L, d)`: in_proj writes the SSM input
+    pixel-major (`x^T W_x^T`), the depthwise conv reads and writes it so, x_proj runs on the row-major map (it commutes with the reordering), one
     kernel does dt_proj, softplus, the K directional scans and the D skip while reading and writing
     through the directions' index tables, and LayerNorm * SiLU(z) is done by out_proj's blocks
     right before their GEMM. No `(B, K, C', L)` copy is made. x: `(B, C, L)` of an (H, W) map ->
@@ -435,11 +447,11 @@ def mhssm_core(p, x, size, cfg, ops, parallel_for=serial_for, norm=None, residua
     w_in = p["in_proj.weight"]
     b_in = p.get("in_proj.bias")
 
-    # 1. in_proj, first half: x channel-first for the conv (the gate z comes after the scan)
-    xs = _project_x(w_in, b_in, x, d, norm, parallel_for)                   # (B, d, L)
+    # 1. in_proj, first half: the SSM input, pixel-major (the gate z comes after the scan)
+    xs = _project_x(w_in, b_in, x, d, norm, parallel_for)                   # (B, L, d)
 
-    # 2. depthwise conv + SiLU, written pixel-major
-    u = dwconv_silu_pixel_major(xs.reshape(B, d, *size), p["conv.weight"], p.get("conv.bias"))
+    # 2. depthwise conv + SiLU, pixel-major in and out
+    u = dwconv_silu_pixel_major(xs.reshape(B, *size, d), p["conv.weight"], p.get("conv.bias"))
     del xs
 
     # 3-5. x_proj of every pixel, per head; then the fused directional scans
@@ -482,11 +494,12 @@ def _in_proj_part(xs, where, a):
     return {"in_proj": Part(xs, (slice(None), where), (xs.shape[0], a["w_in"].shape[0], xs.shape[2]))}
 
 
-@traced(after=lambda a, xs: _in_proj_part(xs, slice(0, a["d"]), a))
+@traced(after=lambda a, xs: _in_proj_part(_channel_first(xs), slice(0, a["d"]), a))
 def _project_x(w_in, b_in, x, d, norm, parallel_for):
-    """in_proj's first d outputs (the SSM input) on `x (B, C, L)` (or on LN(x)): `(B, d, L)`."""
+    """in_proj's first d outputs (the SSM input) on `x (B, C, L)` (or on LN(x)), pixel-major:
+    `(B, L, d)` (measured faster than channel-first for these shapes, and the conv reads it so)."""
     return project(w_in[:d], x, norm=norm, bias=None if b_in is None else b_in[:d],
-                   parallel_for=parallel_for)
+                   pixel_major_out=True, parallel_for=parallel_for)
 
 
 @traced(after=lambda a, z: _in_proj_part(_channel_first(z), slice(a["d"], None), a))
