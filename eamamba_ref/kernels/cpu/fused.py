@@ -119,18 +119,18 @@ def _dwconv_silu_kernel(x, w, bias, out):
     for task in prange(batch * H * per_row):
         b = task // (H * per_row)
         i = (task // per_row) % H
-        c0 = (task % per_row) * DWCONV_PIXELS
-        c1 = min(W, c0 + DWCONV_PIXELS)
-        acc = out[b, i, c0:c1]
+        p0 = (task % per_row) * DWCONV_PIXELS
+        p1 = min(W, p0 + DWCONV_PIXELS)
+        acc = out[b, i, p0:p1]                          # the task's output pixels
         _zero_rows(acc)
         for di in range(k):
             src_i = i + di - pad
             if 0 <= src_i < H:                          # rows outside are the zero padding
                 for dj in range(k):
-                    j0 = max(c0, pad - dj)              # output columns whose input column
-                    j1 = min(c1, W + pad - dj)          # j + dj - pad is inside the map
+                    j0 = max(p0, pad - dj)              # output columns whose input column
+                    j1 = min(p1, W + pad - dj)          # j + dj - pad is inside the map
                     if j0 < j1:
-                        _tap_rows(acc[j0 - c0:j1 - c0], w[di, dj], x[b, src_i, j0 + dj - pad:j1 + dj - pad])
+                        _tap_rows(acc[j0 - p0:j1 - p0], w[di, dj], x[b, src_i, j0 + dj - pad:j1 + dj - pad])
         _bias_silu_rows(acc, bias)
 
 
