@@ -114,3 +114,42 @@ def test_whole_model_numba_matches_numpy_backend():
     ref = EAMamba(cfg, params, backend="numpy")(x)
     got = EAMamba(cfg, params, backend="numba")(x)
     assert rel_err(got, ref.astype(np.float64)) <= 1e-5
+
+
+def test_x_proj_inside_the_scan_matches_x_proj_before_it():
+    # Heads of up to MAX_TASK_CHANNELS channels are projected inside the scan kernel, chunk by
+    # chunk (four channels per pass, then the rest one by one); it must give what x_proj before
+    # the scan gives. Heads of 1, 3, 6 and 16 channels; two directions; sequences longer than a
+    # chunk; N = 20 (a second, partly padded block of states).
+    rng = np.random.default_rng(5)
+    B, L, K, R, N = 2, 300, 2, 3, 20
+    for Cp in (1, 3, 6, 16):
+        assert fused.projects_in_scan(Cp)
+        d = K * Cp
+        u = rng.standard_normal((B, L, d)).astype(np.float32)
+        w_x = (rng.standard_normal((K, R + 2 * N, Cp)) / np.sqrt(Cp)).astype(np.float32)
+        table_ = np.stack([rng.permutation(L) for _ in range(K)]).astype(np.int64)
+        w_dt = rng.standard_normal((K, Cp, R)).astype(np.float32)
+        bias, D = rng.uniform(-4, -1, d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+        A = -rng.uniform(0.1, 2, (d, N)).astype(np.float32)
+        heads = u.reshape(B, L, K, Cp).transpose(0, 2, 1, 3).astype(np.float64)
+        xdbl = np.matmul(heads, w_x.transpose(0, 2, 1).astype(np.float64)).astype(np.float32)
+        want = fused.directional_scan(u, xdbl, table_, w_dt, bias, A, D)
+        got = fused.directional_scan(u, None, table_, w_dt, bias, A, D, x_proj_weight=w_x)
+        assert rel_err(got, want.astype(np.float64)) <= 1e-5, Cp
+    assert not fused.projects_in_scan(fused.MAX_TASK_CHANNELS + 1)
+
+
+def test_the_mhssm_leaves_x_proj_to_the_scan_only_for_narrow_heads():
+    rng = np.random.default_rng(6)
+    for C, K, projected in [(16, 8, True), (64, 2, False)]:      # 2 and 32 channels per head
+        cfg = MambaConfig(scan_type="diagonal", scan_count=K, scan_merge_method="concate", d_conv=3,
+                          conv_2d=True, expand=1)
+        ops = table("numba")
+        products = []
+        counted = ops._replace(matmul=lambda *a, **k: products.append(1) or ops.matmul(*a, **k))
+        x = rng.standard_normal((1, C, 6 * 5)).astype(np.float32)
+        p = random_params(C, cfg, rng)
+        got = fused.mhssm(p, x, (6, 5), cfg, counted)
+        assert (len(products) == 0) == projected, (C, K)
+        assert rel_err(got, mhssm(p, x, (6, 5), cfg, NUMPY).astype(np.float64)) <= 1e-5

@@ -111,7 +111,7 @@ def denoiser_input():
 def test_tracing_runs_the_fused_kernels_and_keeps_the_output_bitwise(denoiser, monkeypatch):
     calls = []
     original = fused.directional_scan
-    monkeypatch.setattr(fused, "directional_scan", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(fused, "directional_scan", lambda *a, **k: calls.append(1) or original(*a, **k))
 
     def plain_scan(*args, **kwargs):
         raise AssertionError("the plain composition's selective scan ran")

@@ -174,12 +174,12 @@ def test_blas_gets_its_thread_count_back_after_a_forward():
         pytest.skip("no BLAS library that threadpoolctl can see")
     with threadpool_limits(2, user_api="blas"):
         seen = []
-        original = model.ops.matmul
+        original = model.ops.conv2d               # (the 3x3 convs: im2col blocks through BLAS)
 
-        def spy(a, b, pixels="columns"):
+        def spy(*args, **kwargs):
             seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
-            return original(a, b, pixels)
-        model.ops = model.ops._replace(matmul=spy)
+            return original(*args, **kwargs)
+        model.ops = model.ops._replace(conv2d=spy)
         model(np.zeros((1, 3, 16, 16), np.float32))
         after = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
     assert seen and all(s == {1} for s in seen), seen          # one BLAS thread inside the forward
@@ -233,6 +233,12 @@ def test_fused_scan_same_bits_for_any_channels_per_task():
     outs = [_with_threads(n, lambda: fused.directional_scan(u, xdbl, table, w, bias, A, D)) for n in (1, 2, 3, 16)]
     per_task = [fused.channels_per_task(B, K, Cp, n) for n in (1, 2, 3, 16)]
     assert len(set(per_task)) > 1, per_task                      # the layouts really differ
+    for o in outs[1:]:
+        assert o.tobytes() == outs[0].tobytes()
+    # x_proj inside the kernel (one task per head, whatever the thread count)
+    w_x = rng.standard_normal((K, R + 2 * N, Cp), np.float32)
+    outs = [_with_threads(n, lambda: fused.directional_scan(u, None, table, w, bias, A, D, x_proj_weight=w_x))
+            for n in (1, 2, 3, 16)]
     for o in outs[1:]:
         assert o.tobytes() == outs[0].tobytes()
 

@@ -190,10 +190,11 @@ def _scan_chunk(h, a, dt_in, w, bias, Dv, u, b_chunk, c_chunk, steps, dt, du, y)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _gather(xdbl, u, y, table, t0, steps, c0, dt_in, b_chunk, c_chunk, u_chunk):
+def _gather(xdbl, u, y, table, t0, steps, c0, dt_in, b_chunk, c_chunk, u_chunk, with_rows):
     """The chunk's inputs of one head, in step order: xdbl (L, R + 2N), u and y (L, d) of one
     image, table (L,) of the head; b_chunk, c_chunk (n_blocks, CHUNK, BLOCK); dt_in (R, CHUNK);
     u_chunk (channels, CHUNK) for channels c0... (in a function of its own: ~2x faster than inline).
+    Without `with_rows` only u is gathered (the kernel projects it itself; xdbl is not read).
 
     Every step also prefetches the xdbl, u and y lines of the pixel PREFETCH_STEPS steps ahead
     (see prefetch.py: the pixels of a direction are scattered over the map).
@@ -205,22 +206,74 @@ def _gather(xdbl, u, y, table, t0, steps, c0, dt_in, b_chunk, c_chunk, u_chunk):
     for t in range(steps):
         if t < ahead:
             q = table[t0 + t + PREFETCH_STEPS]
-            for col in range(0, xdbl.shape[1], 16):          # 16 floats = one 64-byte line
-                prefetch(xdbl, q, col)
-            prefetch(xdbl, q, xdbl.shape[1] - 1)
+            if with_rows:
+                for col in range(0, xdbl.shape[1], 16):          # 16 floats = one 64-byte line
+                    prefetch(xdbl, q, col)
+                prefetch(xdbl, q, xdbl.shape[1] - 1)
             prefetch(u, q, c0)
             prefetch(u, q, c0 + n_ch - 1)
             prefetch_write(y, q, c0)
             prefetch_write(y, q, c0 + n_ch - 1)
-        row = xdbl[table[t0 + t]]
-        for r in range(R):
-            dt_in[r, t] = row[r]
-        for n in range(n_state):
-            b_chunk[n // BLOCK, t, n % BLOCK] = row[R + n]
-            c_chunk[n // BLOCK, t, n % BLOCK] = row[R + n_state + n]
+        if with_rows:
+            row = xdbl[table[t0 + t]]
+            for r in range(R):
+                dt_in[r, t] = row[r]
+            for n in range(n_state):
+                b_chunk[n // BLOCK, t, n % BLOCK] = row[R + n]
+                c_chunk[n // BLOCK, t, n % BLOCK] = row[R + n_state + n]
         px = u[table[t0 + t]]
         for j in range(n_ch):
             u_chunk[j, t] = px[c0 + j]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _project_row(out, w, u_chunk, steps):
+    """out[t] = sum_c w[c] u_chunk[c, t] for t < steps, summed in the order c = 0, 1, ...:
+    one output of x_proj along the chunk's steps (w (C',), u_chunk (C', CHUNK), out (CHUNK,)).
+    Four channels per pass over out (one load and store of out per four multiply-adds)."""
+    for t in range(steps):
+        out[t] = f32(0.0)
+    n = w.size
+    c = 0
+    while c + 4 <= n:
+        w0, w1, w2, w3 = w[c], w[c + 1], w[c + 2], w[c + 3]
+        u0, u1, u2, u3 = u_chunk[c], u_chunk[c + 1], u_chunk[c + 2], u_chunk[c + 3]
+        for t in range(steps):
+            acc = out[t]
+            acc += w0 * u0[t]
+            acc += w1 * u1[t]
+            acc += w2 * u2[t]
+            acc += w3 * u3[t]
+            out[t] = acc
+        c += 4
+    while c < n:
+        wc = w[c]
+        uc = u_chunk[c]
+        for t in range(steps):
+            out[t] += wc * uc[t]
+        c += 1
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _project_chunk(w_x, u_chunk, steps, dt_in, bc, b_chunk, c_chunk):
+    """x_proj of the chunk's pixels from the head's channels u_chunk (C', CHUNK): its R dt inputs
+    into dt_in (R, CHUNK), its B and C rows into bc (2N, CHUNK), then B and C into the recurrence's
+    [block, time, lane] order (b_chunk, c_chunk). w_x: (R + 2N, C')."""
+    R = dt_in.shape[0]
+    n_state = bc.shape[0] // 2
+    for r in range(R):
+        _project_row(dt_in[r], w_x[r], u_chunk, steps)
+    for m in range(2 * n_state):
+        _project_row(bc[m], w_x[R + m], u_chunk, steps)
+    for n in range(n_state):
+        b_lanes = b_chunk[n // BLOCK]
+        c_lanes = c_chunk[n // BLOCK]
+        lane = n % BLOCK
+        b_row = bc[n]
+        c_row = bc[n_state + n]
+        for t in range(steps):
+            b_lanes[t, lane] = b_row[t]
+            c_lanes[t, lane] = c_row[t]
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -234,11 +287,13 @@ def _scatter(y_chunk, table, t0, steps, c0, y):
 
 # ------------------------------------------------------------------------------------------------
 @njit(parallel=True, fastmath=FASTMATH_REASSOC, error_model="numpy", cache=True)
-def _directional_scan_kernel(u, xdbl, table, w_dt, bias, A, Dv, per_task, y):
+def _directional_scan_kernel(u, xdbl, w_x, project, table, w_dt, bias, A, Dv, per_task, y):
     """The K directional selective scans of an MHSSM ('concate' merge), fused with their reordering.
 
     u: (batch, L, d) pixel-major, channel c belongs to head c // C' (C' = d / K);
     xdbl: (batch, K, L, R + 2N), per pixel in row-major order: dt inputs, B, C of each head;
+    or, with `project`, not read (shape (batch, K, 1, R + 2N)): each task then computes x_proj
+    of its chunk's pixels from u with w_x (K, R + 2N, C'), and per_task must be C';
     table: (K, L) int64, step t of head k visits pixel table[k, t];
     w_dt: (K, C', R); bias, Dv: (d,); A: (d, N), negative; y: (batch, L, d), written per pixel.
 
@@ -248,7 +303,7 @@ def _directional_scan_kernel(u, xdbl, table, w_dt, bias, A, Dv, per_task, y):
     (as cpu.scan_kernel does), and scatters y + D u back to the pixels.
     """
     batch, length, n_channels = u.shape
-    K = xdbl.shape[1]
+    K = table.shape[0]
     R = w_dt.shape[2]
     Cp = n_channels // K
     n_state = A.shape[1]
@@ -273,6 +328,7 @@ def _directional_scan_kernel(u, xdbl, table, w_dt, bias, A, Dv, per_task, y):
         y_chunk = np.empty((n_ch, CHUNK), dtype=f32)
         dt = np.empty(CHUNK, dtype=f32)          # delta of one channel over the chunk
         du = np.empty(CHUNK, dtype=f32)          # delta * u
+        bc = np.empty((2 * n_state if project else 0, CHUNK), dtype=f32)   # x_proj's B, C rows
         for j in range(n_ch):
             for n in range(n_state):
                 a_pad[j, n // BLOCK, n % BLOCK] = A[c0 + j, n] * LOG2E   # exp(x) = 2**(x log2 e)
@@ -280,7 +336,10 @@ def _directional_scan_kernel(u, xdbl, table, w_dt, bias, A, Dv, per_task, y):
         for t0 in range(0, length, CHUNK):
             steps = min(CHUNK, length - t0)
             # Gather: one pixel per step, its dt/B/C row and this task's channels of u.
-            _gather(xdbl[b, k], u[b], y[b], table[k], t0, steps, c0, dt_in, b_chunk, c_chunk, u_chunk)
+            _gather(xdbl[b, k], u[b], y[b], table[k], t0, steps, c0, dt_in, b_chunk, c_chunk, u_chunk,
+                    not project)
+            if project:                    # the dt/B/C rows from the head's channels instead
+                _project_chunk(w_x[k], u_chunk, steps, dt_in, bc, b_chunk, c_chunk)
 
             _scan_chunk(h, a_pad, dt_in, w_dt[k, j0:j0 + n_ch], bias[c0:c0 + n_ch], Dv[c0:c0 + n_ch],
                         u_chunk, b_chunk, c_chunk, steps, dt, du, y_chunk)
@@ -304,7 +363,10 @@ def _scan_inputs(a):
     u, xdbl, table, w_dt = a["u"], a["xdbl"], a["table"], a["w_dt"]
     B, L, d = u.shape
     K = table.shape[0]
-    xs = _scan_order(u.reshape(B, L, K, d // K), table)
+    heads = u.reshape(B, L, K, d // K)
+    if xdbl is None:               # projected inside the kernel: the same products, recomputed
+        xdbl = np.matmul(heads.transpose(0, 2, 1, 3), a["x_proj_weight"].transpose(0, 2, 1))
+    xs = _scan_order(heads, table)
     x_dbl = _scan_order(xdbl.transpose(0, 2, 1, 3), table)
     return {"all_around": xs, "x_proj": x_dbl, "dt_proj": np.matmul(w_dt, x_dbl[:, :, :w_dt.shape[2]])}
 
@@ -317,24 +379,40 @@ def _scan_outputs(a, y):
 
 
 @traced("restore", before=_scan_inputs, after=_scan_outputs, view=_channel_first)
-def directional_scan(u, xdbl, table, w_dt, bias, A, D):
+def directional_scan(u, xdbl, table, w_dt, bias, A, D, x_proj_weight=None):
     """K directional selective scans ('concate' heads), read and written in row-major pixel order.
 
     u: `(B, L, d)` pixel-major SSM input (after conv and SiLU), head k owns channels
     `k*C' .. (k+1)*C' - 1`; xdbl: `(B, K, L, R + 2N)` = x_proj of every pixel, per head
-    (dt inputs, then B, then C); table: `(K, L)` gather table of the directions
-    (`scans.direction_indices`); w_dt: `(K, C', R)`; bias, D: `(d,)`; A: `(d, N)`.
+    (dt inputs, then B, then C), or None: then x_proj_weight `(K, R + 2N, C')` is applied inside
+    the kernel, one task per head (see `projects_in_scan`); table: `(K, L)` gather table of the
+    directions (`scans.direction_indices`); w_dt: `(K, C', R)`; bias, D: `(d,)`; A: `(d, N)`.
     Returns y `(B, L, d)`: per pixel, the scan outputs (with D u) of the head that owns the channel,
     i.e. `restore(selective_scan(all_around(...)))` with delta = softplus(dt_proj + bias).
     """
     B, L, d = u.shape
-    K = xdbl.shape[1]
+    K = table.shape[0]
     y = np.empty((B, L, d), dtype=f32)
-    per_task = channels_per_task(B, K, d // K)
-    _directional_scan_kernel(u, xdbl, np.ascontiguousarray(table), np.ascontiguousarray(w_dt, f32),
-                             np.ascontiguousarray(bias, f32), np.ascontiguousarray(A, f32),
-                             np.ascontiguousarray(D, f32), per_task, y)
+    project = xdbl is None
+    if project:
+        w_x = np.ascontiguousarray(x_proj_weight, f32)
+        xdbl = np.empty((B, K, 1, w_x.shape[1]), f32)     # not read; its last axis is R + 2N
+        per_task = d // K
+    else:
+        w_x = np.empty((K, 1, 1), f32)
+        per_task = channels_per_task(B, K, d // K)
+    _directional_scan_kernel(u, xdbl, w_x, project, np.ascontiguousarray(table),
+                             np.ascontiguousarray(w_dt, f32), np.ascontiguousarray(bias, f32),
+                             np.ascontiguousarray(A, f32), np.ascontiguousarray(D, f32), per_task, y)
     return y
+
+
+def projects_in_scan(channels_per_head):
+    """Whether the fused MHSSM leaves x_proj to the scan kernel: when one task can hold a whole
+    head (up to MAX_TASK_CHANNELS channels), it projects the head's pixels chunk by chunk from
+    the channels it gathers anyway, and the `(B, K, L, R + 2N)` x_proj array is never stored.
+    Wider heads would need every task of a head to project all of it: BLAS does x_proj then."""
+    return channels_per_head <= MAX_TASK_CHANNELS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,12 +532,16 @@ def mhssm_core(p, x, size, cfg, ops, parallel_for=serial_for, norm=None, residua
     u = dwconv_silu_pixel_major(xs.reshape(B, *size, d), p["conv.weight"], p.get("conv.bias"))
     del xs
 
-    # 3-5. x_proj of every pixel, per head; then the fused directional scans
-    heads = u.reshape(B, L, K, Cp).transpose(0, 2, 1, 3)                 # (B, K, L, C') view
-    xdbl = ops.matmul(heads, p["x_proj_weight"].transpose(0, 2, 1), "rows")         # (B, K, L, R + 2N)
+    # 3-5. x_proj of every pixel, per head (inside the scan kernel for narrow heads); then the
+    #      fused directional scans
+    w_x = p["x_proj_weight"]                                             # (K, R + 2N, C')
+    xdbl = None
+    if not projects_in_scan(Cp):
+        heads = u.reshape(B, L, K, Cp).transpose(0, 2, 1, 3)             # (B, K, L, C') view
+        xdbl = ops.matmul(heads, w_x.transpose(0, 2, 1), "rows")         # (B, K, L, R + 2N)
     table = scans.direction_indices(cfg.scan_type, cfg.scan_count, size)
     y = directional_scan(u, xdbl, table, p["dt_projs_weight"], p["dt_projs_bias"].reshape(-1),
-                         -np.exp(p["A_logs"]), p["Ds"])                  # (B, L, d)
+                         -np.exp(p["A_logs"]), p["Ds"], x_proj_weight=w_x)   # (B, L, d)
     del u, xdbl
 
     # 6. in_proj, second half: the gate z straight to pixel-major (x^T W_z^T), made only now so
