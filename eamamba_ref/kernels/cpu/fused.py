@@ -7,16 +7,20 @@ five passes over memory that only move data. Two observations remove all of them
 * x_proj and dt_proj act on every pixel separately, so they commute with the reordering: they can
   be applied to the row-major map, and the scan kernel reads its inputs *through* the direction's
   index table (step t of head k visits pixel `table[k, t]`) and writes y straight back to that
-  pixel. No directional copy exists, and `restore` is free.
+  pixel. No directional copy exists, and `restore` is free. Where a scan task holds a whole head
+  (up to MAX_TASK_CHANNELS channels) it even computes x_proj itself, from the head's channels it
+  gathers anyway (`projects_in_scan`): then the x_proj array is never stored either.
 * Inside the kernel, data is laid out pixel-major, `(B, L, channels)`: one step of a head reads
   the C' channels of one pixel and its dt/B/C row, a few contiguous cache lines, whatever the scan
   ordering. (Channel-first rows would cost one cache miss per channel per step on a diagonal sweep.)
 
 Kernels (all float32, all parallel over `prange` tasks), and `mhssm` which strings them
-together with the backend's `matmul` for in_proj, x_proj and out_proj:
+together with `gemm.project` for in_proj and out_proj and, for heads wider than
+MAX_TASK_CHANNELS, the backend's `matmul` for x_proj:
 
     dwconv_silu_pixel_major   depthwise k x k conv + bias + SiLU, (B, H, W, d) -> (B, L, d)
-    directional_scan          dt_proj + delta_bias + softplus + scan + D skip, gather/scatter fused
+    directional_scan          (x_proj +) dt_proj + delta_bias + softplus + scan + D skip,
+                              gather/scatter fused
     layer_norm_gate           LayerNorm over channels * SiLU(z), in place on (B, L, d)
                               (`layer_norm_gate_rows` on a block of pixels: out_proj's blocks run it)
 
@@ -512,7 +516,8 @@ def mhssm_core(p, x, size, cfg, ops, parallel_for=serial_for, norm=None, residua
     `gemm.project`, and neither the normalised map nor the MHSSM's output is ever stored).
 
     Steps 1-6 of the plain composition run pixel-major `(B, L, d)`: in_proj writes the SSM input
-    pixel-major (`x^T W_x^T`), the depthwise conv reads and writes it so, x_proj runs on the row-major map (it commutes with the reordering), one
+    pixel-major (`x^T W_x^T`), the depthwise conv reads and writes it so, x_proj runs on the
+    row-major map (it commutes with the reordering; inside the scan kernel for narrow heads), one
     kernel does dt_proj, softplus, the K directional scans and the D skip while reading and writing
     through the directions' index tables, and LayerNorm * SiLU(z) is done by out_proj's blocks
     right before their GEMM. No `(B, K, C', L)` copy is made. x: `(B, C, L)` of an (H, W) map ->
