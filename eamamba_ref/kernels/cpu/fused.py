@@ -296,8 +296,8 @@ def _directional_scan_kernel(u, xdbl, w_x, project, table, w_dt, bias, A, Dv, pe
 
     u: (batch, L, d) pixel-major, channel c belongs to head c // C' (C' = d / K);
     xdbl: (batch, K, L, R + 2N), per pixel in row-major order: dt inputs, B, C of each head;
-    or, with `project`, not read (shape (batch, K, 1, R + 2N)): each task then computes x_proj
-    of its chunk's pixels from u with w_x (K, R + 2N, C'), and per_task must be C';
+    or, with `project`, not read (shape (batch, K, 1, R + 2N)): each task then holds a whole head
+    (per_task is ignored) and computes x_proj of its chunk's pixels from u with w_x (K, R + 2N, C');
     table: (K, L) int64, step t of head k visits pixel table[k, t];
     w_dt: (K, C', R); bias, Dv: (d,); A: (d, N), negative; y: (batch, L, d), written per pixel.
 
@@ -312,6 +312,8 @@ def _directional_scan_kernel(u, xdbl, w_x, project, table, w_dt, bias, A, Dv, pe
     Cp = n_channels // K
     n_state = A.shape[1]
     n_blocks = (n_state + BLOCK - 1) // BLOCK
+    if project:                            # x_proj needs all of the head's channels
+        per_task = Cp
     per_head = (Cp + per_task - 1) // per_task
     n_tasks = batch * K * per_head
 
@@ -401,13 +403,12 @@ def directional_scan(u, xdbl, table, w_dt, bias, A, D, x_proj_weight=None):
     if project:
         w_x = np.ascontiguousarray(x_proj_weight, f32)
         xdbl = np.empty((B, K, 1, w_x.shape[1]), f32)     # not read; its last axis is R + 2N
-        per_task = d // K
     else:
         w_x = np.empty((K, 1, 1), f32)
-        per_task = channels_per_task(B, K, d // K)
     _directional_scan_kernel(u, xdbl, w_x, project, np.ascontiguousarray(table),
                              np.ascontiguousarray(w_dt, f32), np.ascontiguousarray(bias, f32),
-                             np.ascontiguousarray(A, f32), np.ascontiguousarray(D, f32), per_task, y)
+                             np.ascontiguousarray(A, f32), np.ascontiguousarray(D, f32),
+                             channels_per_task(B, K, d // K), y)
     return y
 
 
